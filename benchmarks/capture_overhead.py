@@ -1,0 +1,126 @@
+"""Per-LLM-call overhead of capture, in microseconds over a no-callback baseline.
+
+Runs, interleaved in one process so machine noise hits every variant alike:
+  baseline     a fake chat model, no callbacks
+  noop         a handler that does nothing (the cost of LangChain's callback machinery itself)
+  langsmith    LangSmith's LangChainTracer pointed at an unreachable endpoint (it only queues)
+  metaclaw     MetaClawCallbackHandler on a temporary SQLite store (spool + queue + writer thread)
+Each call sends a 3-message conversation and gets a tool-calling AIMessage back, like an agent turn, and
+each call is its own episode (the worst case: 3 records per call; in an agent the episode records are
+shared by all the turns of an invocation).
+
+Two scenarios:
+  cpu-bound   the model answers instantly: any background thread's work is charged to the caller (GIL)
+  io-bound    the model takes --latency-ms like a remote LLM; background work overlaps the wait, so the
+              overhead is what the agent's own thread pays
+
+    python benchmarks/capture_overhead.py [--calls 2000] [--rounds 7] [--latency-ms 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+TARGET_US = 60.0
+
+
+class _FixedModel(BaseChatModel):
+    latency_s: float = 0.0
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        msg = AIMessage(
+            content="Let me look that up.",
+            tool_calls=[{"name": "search", "args": {"query": "weather in Paris"}, "id": "call_1"}],
+            usage_metadata={"input_tokens": 42, "output_tokens": 12, "total_tokens": 54},
+        )
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    @property
+    def _llm_type(self) -> str:
+        return "fixed"
+
+
+class _Noop(BaseCallbackHandler):
+    run_inline = True
+
+    def on_chat_model_start(self, *args, **kwargs):
+        pass
+
+
+MESSAGES = [
+    SystemMessage("You are a helpful assistant with a search tool."),
+    HumanMessage("What's the weather in Paris today? I'm planning a walk."),
+    AIMessage("Sure, one moment."),
+]
+
+
+def _per_call_us(model, callbacks, calls: int) -> float:
+    config = {"callbacks": callbacks} if callbacks else {}
+    start = time.perf_counter()
+    for _ in range(calls):
+        model.invoke(MESSAGES, config=config)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--latency-ms", type=float, default=2.0)
+    args = parser.parse_args()
+
+    os.environ.setdefault("LANGSMITH_TRACING", "false")
+    logging.getLogger("langsmith").setLevel(logging.CRITICAL)  # it cannot reach its endpoint, by design
+    from langchain_core.tracers.langchain import LangChainTracer
+    from langsmith import Client
+
+    from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
+
+    tmp = tempfile.mkdtemp(prefix="metaclaw-bench-")
+    os.environ["METACLAW_HOME"] = tmp
+    store = TraceStore(f"sqlite:///{tmp}/bench.db")
+    handler = MetaClawCallbackHandler(store)
+    tracer = LangChainTracer(client=Client(api_url="http://127.0.0.1:9", api_key="lsv2-bench-unreachable"))
+    variants = {"baseline": None, "noop": [_Noop()], "langsmith": [tracer], "metaclaw": [handler]}
+    results = {}
+    for scenario, latency, calls in (("cpu-bound", 0.0, args.calls), ("io-bound", args.latency_ms / 1e3, args.calls // 5)):
+        model = _FixedModel(latency_s=latency)
+        for cbs in variants.values():  # warm-up
+            _per_call_us(model, cbs, 100)
+        samples: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.rounds):
+            for name, cbs in variants.items():
+                samples[name].append(_per_call_us(model, cbs, calls))
+                handler.flush(60)  # each round starts with an empty queue
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        results[scenario] = {k: med[k] - med["baseline"] for k in variants}
+        print(f"\n[{scenario}] model latency {latency * 1e3:.1f} ms, {calls} calls x {args.rounds} rounds, median")
+        print(f"{'variant':<10} {'us/call':>10} {'overhead us':>12}")
+        for name in variants:
+            print(f"{name:<10} {med[name]:10.1f} {results[scenario][name]:12.1f}")
+        over = results[scenario]
+        print(f"metaclaw / langsmith overhead: {over['metaclaw'] / over['langsmith']:.2f}")
+    print("\nsummary (target: <= 60 us per call and no more than LangSmith's tracer)")
+    for scenario, over in results.items():
+        ok = over["metaclaw"] <= TARGET_US and over["metaclaw"] <= over["langsmith"]
+        print(f"  {scenario:<10} metaclaw {over['metaclaw']:7.1f} us, langsmith {over['langsmith']:7.1f} us: "
+              f"{'meets target' if ok else 'ABOVE TARGET'}")
+    stats = handler.stats
+    print(f"records written: {stats.written} of {stats.submitted} submitted, write errors: {stats.write_errors}")
+    handler.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The background half of capture: spool on the caller's thread, batch into the store on one thread.
+
+``submit`` is what the callback handler calls on the agent's thread: it serialises and redacts the record,
+appends it to the spool (durable against SIGKILL), and puts it on a queue. A single daemon thread drains
+the queue in batches into ``TraceStore.write_records`` and then lets the spool forget what was committed.
+A dead database or a full disk never raises into the agent: failures are counted in :attr:`stats`,
+logged once per kind, and retried with backoff; what the spool holds survives a restart either way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from langchain_metaclaw.capture.redact import redact_text
+from langchain_metaclaw.store.spool import Spool
+from langchain_metaclaw.store.trace_store import TraceStore
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class CaptureStats(BaseModel):
+    """What capture did so far; anything non-zero besides ``submitted``/``written`` deserves a look."""
+
+    submitted: int = 0
+    written: int = 0
+    pending: int = 0
+    write_errors: int = 0
+    """Batches the store refused (they are retried; the spool keeps them meanwhile)."""
+    spool_errors: int = 0
+    """Records that could not be appended to the spool (disk full): kept in memory only."""
+    serialize_errors: int = 0
+    """Records that could not be serialised and were dropped (reported, never raised)."""
+    last_error: str | None = None
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    return str(obj)
+
+
+def _dumps(records: list[dict[str, Any]]) -> str:
+    """One JSON line for the records of one event (orjson: ~10x faster than json on the agent's thread)."""
+    return orjson.dumps(records, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+class SpoolingWriter:
+    """Spool + queue + one writer thread feeding a :class:`TraceStore`."""
+
+    def __init__(
+        self,
+        store: TraceStore,
+        *,
+        batch_size: int = 256,
+        max_delay: float = 0.05,
+        redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.max_delay = max_delay
+        self.redact = redact
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._spool: Spool | None = None
+        self._spool_failed = False
+        self._stats = CaptureStats()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._outstanding = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._logged: set[str] = set()
+        _live_writers.add(self)
+
+    # ---------------------------------------------------------------- caller side (agent thread)
+
+    def submit(self, records: list[dict[str, Any]]) -> None:
+        """Make ``records`` (those of one callback event) durable with one write and queue them. Never raises."""
+        try:
+            if self.redact is not None:
+                records = [self.redact(r) for r in records]
+            line = redact_text(_dumps(records))
+        except Exception as exc:  # a user hook or an exotic payload: count it, never break the agent
+            self._note_error("serialize", exc)
+            with self._lock:
+                self._stats.serialize_errors += len(records)
+            return
+        segment = self._append_to_spool(line)
+        with self._lock:
+            if self._closed:
+                return
+            self._outstanding += 1
+            self._stats.submitted += len(records)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="metaclaw-capture-writer", daemon=True)
+                self._thread.start()
+        self._queue.put((segment, line, len(records)))
+
+    def _append_to_spool(self, line: str) -> int | None:
+        try:
+            if self._spool is None:
+                with self._lock:
+                    if self._spool is None:
+                        self._spool = Spool(self.store.spool_dir)
+            return self._spool.append((line + "\n").encode())
+        except OSError as exc:
+            self._note_error("spool", exc)
+            with self._lock:
+                self._stats.spool_errors += 1
+            return None
+
+    # ---------------------------------------------------------------- writer thread
+
+    def _run(self) -> None:
+        backoff = 0.1
+        batch: list[tuple[int | None, str, int]] = []
+        stopping = False
+        while True:
+            if not batch:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                batch.append(item)
+                deadline = time.monotonic() + self.max_delay
+                while len(batch) < self.batch_size:
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    batch.append(item)
+            try:
+                self.store.write_records([r for _, line, _ in batch for r in orjson.loads(line)])
+            except Exception as exc:
+                self._note_error("store", exc)
+                with self._lock:
+                    self._stats.write_errors += 1
+                if stopping or self._closed:
+                    return  # the spool keeps the batch; the next open replays it
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            if self._spool is not None:
+                self._spool.committed([seg for seg, _, _ in batch if seg is not None])
+            with self._lock:
+                self._stats.written += sum(n for _, _, n in batch)
+                self._outstanding -= len(batch)
+                if self._outstanding == 0:
+                    self._idle.notify_all()
+            batch = []
+            if stopping:
+                return
+
+    def _note_error(self, kind: str, exc: BaseException) -> None:
+        self._stats.last_error = f"{kind}: {type(exc).__name__}: {exc}"
+        key = f"{kind}:{type(exc).__name__}"
+        if key not in self._logged:  # once per kind, like LangChainTracer's log_error_once
+            self._logged.add(key)
+            logger.error("metaclaw capture %s error (further ones counted, not logged): %s", kind, exc)
+
+    # ---------------------------------------------------------------- control
+
+    @property
+    def stats(self) -> CaptureStats:
+        with self._lock:
+            return self._stats.model_copy(update={"pending": self._outstanding})
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything submitted so far is in the store; ``False`` on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush, stop the thread and release the spool. Idempotent."""
+        flushed = self.flush(timeout)
+        with self._lock:
+            if self._closed:
+                return flushed
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout)
+        if self._spool is not None:
+            self._spool.close()
+        _live_writers.discard(self)
+        return flushed
+
+
+_live_writers: weakref.WeakSet[SpoolingWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for writer in list(_live_writers):
+        writer.close(timeout=5.0)

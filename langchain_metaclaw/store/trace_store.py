@@ -1,0 +1,554 @@
+"""TraceStore: the one database every stage of the loop reads from and writes to.
+
+SQLite (WAL, ``synchronous=NORMAL``) on one machine, PostgreSQL (``postgresql+psycopg://``) beyond it;
+the same code and the same tests run on both. The store migrates on construction and replays any spool
+that a killed process left behind, so opening it is all a user does.
+
+Capture writes go through :meth:`TraceStore.write_records`, which is idempotent (upserts keyed by run
+id), so a record replayed from the spool after a crash is never stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from langchain_metaclaw.config import get_settings, metaclaw_home
+from langchain_metaclaw.errors import StoreError
+from langchain_metaclaw.store import schema
+from langchain_metaclaw.store.migrations import MIGRATIONS, applied_migrations, migrate
+from langchain_metaclaw.store.records import (
+    AdapterVersion,
+    Episode,
+    Feedback,
+    Score,
+    TrainRun,
+    Turn,
+    TurnKind,
+)
+from langchain_metaclaw.store.spool import orphan_segments, read_segment
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
+
+_TIME_FIELDS = ("started_at", "ended_at", "created_at")
+
+
+def _utc(value: Any) -> datetime | None:
+    """Datetimes from records (epoch seconds or ISO strings) and from SQLite (naive) as aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _to_record(model: type[R], row: Any) -> R:
+    data = dict(row._mapping)
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = _utc(value)
+    return model.model_validate({k: v for k, v in data.items() if v is not None})
+
+
+_TURN_COLUMNS = tuple(c.name for c in schema.turns.columns)
+
+
+def _episode_row(rec: dict[str, Any]) -> dict[str, Any]:
+    ended = _utc(rec.get("ended_at"))
+    return {
+        "id": rec["id"],
+        "thread_id": rec.get("thread_id"),
+        "root_run_id": rec.get("root_run_id"),
+        "graph_name": rec.get("graph_name"),
+        "started_at": _utc(rec.get("started_at")) or ended,
+        "ended_at": ended,
+        "status": rec.get("status", "running"),
+        "error": rec.get("error"),
+        "metadata": rec.get("metadata") or {},
+    }
+
+
+def _turn_row(rec: dict[str, Any]) -> dict[str, Any]:
+    row = {c: rec.get(c) for c in _TURN_COLUMNS}
+    for f in _TIME_FIELDS:
+        row[f] = _utc(row[f])
+    row["created_at"] = row["created_at"] or row["ended_at"] or row["started_at"]
+    return row
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class TraceStore:
+    """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
+
+    >>> store = TraceStore("sqlite:///metaclaw.db")          # doctest: +SKIP
+    >>> store.turns(kind="llm")[0].completion_token_ids      # doctest: +SKIP
+
+    Args:
+        url: SQLAlchemy URL. ``None`` uses ``METACLAW_STORE_URL`` or ``$METACLAW_HOME/metaclaw.db``.
+        engine: an existing SQLAlchemy engine instead of ``url``.
+        replay_spool: replay capture spools left by dead processes (default ``True``).
+        spool_dir: where capture spools for this store live (default under ``$METACLAW_HOME/spool``).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        engine: Engine | None = None,
+        replay_spool: bool = True,
+        spool_dir: str | Path | None = None,
+    ) -> None:
+        if engine is None:
+            url = url or get_settings().resolved_store_url()
+            engine = self._create_engine(url)
+        self.engine = engine
+        self.url = engine.url.render_as_string(hide_password=True)
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self.spool_dir = Path(spool_dir) if spool_dir else metaclaw_home() / "spool" / digest
+        try:
+            migrate(engine)
+        except SQLAlchemyError as exc:
+            msg = f"could not open or migrate the trace store at {self.url}: {exc}"
+            raise StoreError(msg) from exc
+        self.replayed = self.replay_spool() if replay_spool else 0
+
+    @staticmethod
+    def _create_engine(url: str) -> Engine:
+        parsed = make_url(url)
+        json_kwargs = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        if parsed.get_backend_name() != "sqlite":
+            return create_engine(url, pool_pre_ping=True, **json_kwargs)
+        kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}, **json_kwargs}
+        if parsed.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool
+        else:
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TraceStore({self.url!r})"
+
+    # ------------------------------------------------------------------ capture writes
+
+    def write_records(self, records: Sequence[dict[str, Any]]) -> None:
+        """Store a batch of capture records in one transaction (idempotent: safe to replay)."""
+        if records:
+            with self.engine.begin() as conn:
+                self._write_records_in_transaction(conn, records)
+
+    def _insert(self, table):
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    @cached_property
+    def _capture_statements(self):
+        """Upserts for capture records, built once (building them costs more than executing them)."""
+        starts = self._insert(schema.episodes).on_conflict_do_nothing(index_elements=["id"])
+        ends = self._insert(schema.episodes)
+        ends = ends.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"ended_at": ends.excluded.ended_at, "status": ends.excluded.status, "error": ends.excluded.error},
+        )
+        turns = self._insert(schema.turns)
+        turns = turns.on_conflict_do_update(
+            index_elements=["id"], set_={c: turns.excluded[c] for c in _TURN_COLUMNS if c != "id"}
+        )
+        return starts, ends, turns
+
+    def _write_records_in_transaction(self, conn: Connection, records: Sequence[dict[str, Any]]) -> None:
+        starts: dict[str, dict] = {}
+        ends: list[dict] = []
+        turn_rows: dict[str, dict] = {}
+        for rec in records:
+            kind = rec.get("type")
+            if kind == "episode_start":
+                starts.setdefault(rec["id"], rec)
+            elif kind == "episode_end":
+                ends.append(rec)
+            elif kind == "turn":
+                turn_rows[rec["id"]] = rec  # a later copy of the same run wins
+            else:
+                logger.warning("ignoring capture record of unknown type %r", kind)
+        start_stmt, end_stmt, turn_stmt = self._capture_statements
+        if starts:
+            conn.execute(start_stmt, [_episode_row(r) for r in starts.values()])
+        if ends:
+            conn.execute(end_stmt, [_episode_row(r) for r in ends])
+        if turn_rows:
+            conn.execute(turn_stmt, [_turn_row(r) for r in turn_rows.values()])
+
+    def replay_spool(self) -> int:
+        """Write records left in the spool by processes that died; returns how many were replayed."""
+        total = 0
+        for path in orphan_segments(self.spool_dir):
+            records, _bad = read_segment(path)
+            for start in range(0, len(records), 500):
+                self.write_records(records[start : start + 500])
+            total += len(records)
+            path.unlink(missing_ok=True)
+            logger.info("replayed %d record(s) from spool %s", len(records), path.name)
+        return total
+
+    # ------------------------------------------------------------------ reads
+
+    def _select(self, model: type[R], stmt) -> list[R]:
+        with self.engine.connect() as conn:
+            return [_to_record(model, row) for row in conn.execute(stmt)]
+
+    def episodes(
+        self,
+        *,
+        thread_id: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[Episode]:
+        """Episodes, oldest first."""
+        t = schema.episodes
+        stmt = select(t).order_by(t.c.started_at, t.c.id)
+        if thread_id is not None:
+            stmt = stmt.where(t.c.thread_id == thread_id)
+        if status is not None:
+            stmt = stmt.where(t.c.status == status)
+        if since is not None:
+            stmt = stmt.where(t.c.started_at >= since)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(Episode, stmt)
+
+    def episode(self, episode_id: str) -> Episode | None:
+        found = self._select(Episode, select(schema.episodes).where(schema.episodes.c.id == episode_id))
+        return found[0] if found else None
+
+    def turns(
+        self,
+        episode_id: str | None = None,
+        kind: TurnKind | None = None,
+        since: datetime | None = None,
+        *,
+        ids: Iterable[str] | None = None,
+        node: str | None = None,
+        root_run_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[Turn]:
+        """Turns in the order they started (ties broken by completion order)."""
+        t = schema.turns
+        stmt = select(t).order_by(t.c.started_at, t.c.seq, t.c.id)
+        if episode_id is not None:
+            stmt = stmt.where(t.c.episode_id == episode_id)
+        if kind is not None:
+            stmt = stmt.where(t.c.kind == kind)
+        if since is not None:
+            stmt = stmt.where(t.c.created_at >= since)
+        if ids is not None:
+            stmt = stmt.where(t.c.id.in_([str(i) for i in ids]))
+        if node is not None:
+            stmt = stmt.where(t.c.node == node)
+        if root_run_id is not None:
+            stmt = stmt.where(t.c.root_run_id == str(root_run_id))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(Turn, stmt)
+
+    def turn(self, run_id: str | uuid.UUID) -> Turn | None:
+        found = self.turns(ids=[str(run_id)])
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------ feedback and scores
+
+    def add_feedback(
+        self,
+        run_id: str | uuid.UUID,
+        score: float | None = None,
+        comment: str | None = None,
+        *,
+        key: str = "user_score",
+        value: Any = None,
+        correction: Any = None,
+        source_info: dict[str, Any] | None = None,
+    ) -> Feedback:
+        """Record explicit feedback on a run, like LangSmith's ``create_feedback``.
+
+        ``run_id`` may be an LLM turn or the root run of an agent invocation (then the feedback is about
+        that invocation's last LLM turn). Numeric feedback also becomes a score with ``source="feedback"``
+        so training sees it next to judge and rule rewards; feedback on a run that capture has not written
+        yet is kept and picked up by the scorer later.
+        """
+        if score is not None and not isinstance(score, int | float):
+            msg = f"feedback score must be a number or None, got {type(score).__name__}"
+            raise TypeError(msg)
+        now = datetime.now(UTC)
+        row = {
+            "id": str(uuid.uuid4()),
+            "run_id": str(run_id),
+            "key": key,
+            "score": None if score is None else float(score),
+            "value": value,
+            "comment": comment,
+            "correction": correction,
+            "source_info": source_info or {},
+            "created_at": now,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(schema.feedback.insert(), row)
+            target = self._feedback_target(conn, str(run_id))
+            if target is not None and score is not None:
+                self._upsert_score(
+                    conn,
+                    turn_id=target[0],
+                    episode_id=target[1],
+                    source="feedback",
+                    key=key,
+                    value=float(score),
+                    confidence=1.0,
+                    reason=comment,
+                    details={"feedback_id": row["id"], "run_id": str(run_id)},
+                )
+        return Feedback.model_validate(row)
+
+    def thumbs(self, run_id: str | uuid.UUID, up: bool, comment: str | None = None) -> Feedback:
+        """Thumbs up (+1) or down (-1) on a run: the usual chat UI button."""
+        return self.add_feedback(run_id, 1.0 if up else -1.0, comment, key="thumbs")
+
+    def _feedback_target(self, conn: Connection, run_id: str) -> tuple[str, str] | None:
+        t = schema.turns
+        row = conn.execute(select(t.c.id, t.c.episode_id).where(t.c.id == run_id)).first()
+        if row is None:
+            row = conn.execute(
+                select(t.c.id, t.c.episode_id)
+                .where(t.c.root_run_id == run_id, t.c.kind == "llm")
+                .order_by(t.c.started_at.desc(), t.c.seq.desc())
+                .limit(1)
+            ).first()
+        return (row[0], row[1]) if row else None
+
+    def feedback(self, run_id: str | uuid.UUID | None = None) -> list[Feedback]:
+        stmt = select(schema.feedback).order_by(schema.feedback.c.created_at)
+        if run_id is not None:
+            stmt = stmt.where(schema.feedback.c.run_id == str(run_id))
+        return self._select(Feedback, stmt)
+
+    def add_score(
+        self,
+        turn_id: str | uuid.UUID,
+        value: float | None,
+        *,
+        source: str,
+        key: str = "reward",
+        confidence: float | None = None,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+        status: str = "scored",
+        episode_id: str | None = None,
+    ) -> None:
+        """Insert or replace the score of ``turn_id`` from ``source``/``key`` (``attempts`` counts writes)."""
+        with self.engine.begin() as conn:
+            if episode_id is None:
+                episode_id = conn.execute(
+                    select(schema.turns.c.episode_id).where(schema.turns.c.id == str(turn_id))
+                ).scalar()
+            self._upsert_score(
+                conn,
+                turn_id=str(turn_id),
+                episode_id=episode_id,
+                source=source,
+                key=key,
+                value=value,
+                confidence=confidence,
+                reason=reason,
+                details=details,
+                status=status,
+            )
+
+    def _upsert_score(self, conn: Connection, *, status: str = "scored", **fields: Any) -> None:
+        now = datetime.now(UTC)
+        stmt = self._insert(schema.scores).values(
+            **fields, status=status, attempts=1, created_at=now, updated_at=now
+        )
+        ex = stmt.excluded
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["turn_id", "source", "key"],
+                set_={
+                    "value": ex.value,
+                    "confidence": ex.confidence,
+                    "status": ex.status,
+                    "reason": ex.reason,
+                    "details": ex.details,
+                    "updated_at": ex.updated_at,
+                    "attempts": schema.scores.c.attempts + 1,
+                },
+            )
+        )
+
+    def scores(
+        self,
+        turn_id: str | uuid.UUID | None = None,
+        *,
+        source: str | None = None,
+        episode_id: str | None = None,
+        status: str | None = None,
+    ) -> list[Score]:
+        t = schema.scores
+        stmt = select(t).order_by(t.c.id)
+        if turn_id is not None:
+            stmt = stmt.where(t.c.turn_id == str(turn_id))
+        if source is not None:
+            stmt = stmt.where(t.c.source == source)
+        if episode_id is not None:
+            stmt = stmt.where(t.c.episode_id == episode_id)
+        if status is not None:
+            stmt = stmt.where(t.c.status == status)
+        return self._select(Score, stmt)
+
+    # ------------------------------------------------------------------ adapters and training runs
+
+    def add_adapter(
+        self,
+        version: str,
+        *,
+        backend: str,
+        uri: str,
+        base_model: str | None = None,
+        parent_version: str | None = None,
+        status: str = "candidate",
+        metrics: dict[str, Any] | None = None,
+        notes: str | None = None,
+    ) -> AdapterVersion:
+        row = {
+            "version": version,
+            "parent_version": parent_version,
+            "backend": backend,
+            "base_model": base_model,
+            "uri": uri,
+            "status": status,
+            "created_at": datetime.now(UTC),
+            "metrics": metrics or {},
+            "notes": notes,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(schema.adapters.insert(), row)
+        return AdapterVersion.model_validate(row)
+
+    def adapter(self, version: str) -> AdapterVersion | None:
+        found = self._select(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
+        return found[0] if found else None
+
+    def adapters(self, status: str | None = None) -> list[AdapterVersion]:
+        t = schema.adapters
+        stmt = select(t).order_by(t.c.created_at, t.c.version)
+        if status is not None:
+            stmt = stmt.where(t.c.status == status)
+        return self._select(AdapterVersion, stmt)
+
+    def update_adapter(self, version: str, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(schema.adapters).where(schema.adapters.c.version == version).values(**fields))
+
+    def start_train_run(self, *, backend: str | None = None, config: dict[str, Any] | None = None) -> TrainRun:
+        row = {
+            "id": str(uuid.uuid4()),
+            "started_at": datetime.now(UTC),
+            "status": "running",
+            "backend": backend,
+            "steps": 0,
+            "samples": [],
+            "metrics": {},
+            "config": config or {},
+        }
+        with self.engine.begin() as conn:
+            conn.execute(schema.train_runs.insert(), row)
+        return TrainRun.model_validate(row)
+
+    def finish_train_run(self, run_id: str, *, status: str, reason: str | None = None, **fields: Any) -> None:
+        values = {"status": status, "reason": reason, "ended_at": datetime.now(UTC), **fields}
+        with self.engine.begin() as conn:
+            conn.execute(update(schema.train_runs).where(schema.train_runs.c.id == run_id).values(**values))
+
+    def train_runs(self, limit: int | None = None) -> list[TrainRun]:
+        t = schema.train_runs
+        stmt = select(t).order_by(t.c.started_at.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._select(TrainRun, stmt)
+
+    # ------------------------------------------------------------------ health
+
+    def counts(self) -> dict[str, int]:
+        """Row counts per table, for ``metaclaw status``."""
+        tables = [schema.episodes, schema.turns, schema.scores, schema.feedback, schema.adapters, schema.train_runs]
+        with self.engine.connect() as conn:
+            return {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one() for t in tables}
+
+    def verify(self) -> list[str]:
+        """Problems found in the store; an empty list means it is healthy."""
+        problems: list[str] = []
+        with self.engine.connect() as conn:
+            done = applied_migrations(conn)
+            missing = [m.__name__ for m in MIGRATIONS if m.__name__ not in done]
+            if missing:
+                problems.append(f"migrations not applied: {', '.join(missing)}")
+            tables = set(inspect(conn).get_table_names())
+            for table in schema.metadata.sorted_tables:
+                if table.name not in tables:
+                    problems.append(f"table missing: {table.name}")
+            if self.dialect == "sqlite":
+                result = conn.execute(text("PRAGMA quick_check")).scalar()
+                if result != "ok":
+                    problems.append(f"sqlite quick_check: {result}")
+            if "turns" in tables and "episodes" in tables:
+                orphans = conn.execute(
+                    select(func.count())
+                    .select_from(schema.turns)
+                    .where(~schema.turns.c.episode_id.in_(select(schema.episodes.c.id)))
+                ).scalar_one()
+                if orphans:
+                    problems.append(f"{orphans} turn(s) reference a missing episode")
+        leftover = orphan_segments(self.spool_dir)
+        if leftover:
+            problems.append(f"{len(leftover)} spool segment(s) from dead processes not replayed yet")
+        return problems
+

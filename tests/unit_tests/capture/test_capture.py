@@ -1,0 +1,252 @@
+"""MetaClawCallbackHandler on real LangGraph agents, asserted field by field in SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+from pydantic import BaseModel
+
+from langchain_metaclaw import MetaClawCallbackHandler, disable_global_capture, enable_global_capture
+from tests.fixtures.fakes import ScriptedChatModel, tool_call
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Weather in a city."""
+    return f"sunny in {city}"
+
+
+@tool
+def get_time(city: str) -> str:
+    """Local time in a city."""
+    return f"12:00 in {city}"
+
+
+@tool
+def broken(query: str) -> str:
+    """Always fails."""
+    raise RuntimeError("database is down")
+
+
+ENGINE_META = {"metaclaw": {"adapter_version": "v7", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [9, 8],
+                            "logprobs": [-0.1, -0.2], "tokens_source": "engine", "sampling": {"temperature": 1.0}}}
+
+
+def parallel_script():
+    return [
+        AIMessage("", tool_calls=[tool_call("get_weather", {"city": "Paris"}, "c1"),
+                                  tool_call("get_time", {"city": "Paris"}, "c2")],
+                  response_metadata=ENGINE_META, usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}),
+        AIMessage("It is sunny and noon in Paris."),
+    ]
+
+
+def _config(handler, thread="t1"):
+    return {"callbacks": [handler], "configurable": {"thread_id": thread}}
+
+
+@pytest.fixture
+def handler(store):
+    h = MetaClawCallbackHandler(store)
+    yield h
+    h.close()
+
+
+def test_agent_with_parallel_tool_calls(store, handler):
+    agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time],
+                         checkpointer=InMemorySaver())
+    result = agent.invoke({"messages": [HumanMessage("Weather and time in Paris?")]}, config=_config(handler))
+    assert result["messages"][-1].content == "It is sunny and noon in Paris."
+    assert handler.flush(10)
+
+    (episode,) = store.episodes()
+    assert (episode.id, episode.thread_id, episode.status) == ("t1", "t1", "ok")
+    assert episode.ended_at >= episode.started_at
+    turns = store.turns(episode_id="t1")
+    assert [t.kind for t in turns] == ["llm", "tool", "tool", "llm"]
+    first, tool_a, tool_b, last = turns
+    assert first.node == "model" and first.step == 1 and first.status == "ok"
+    assert [m["type"] for m in first.input_messages] == ["human"]
+    assert first.input_messages[0]["data"]["content"] == "Weather and time in Paris?"
+    assert [tc["name"] for tc in first.output_message["data"]["tool_calls"]] == ["get_weather", "get_time"]
+    assert first.usage == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    assert (first.tokens_source, first.adapter_version) == ("engine", "v7")
+    assert (first.prompt_token_ids, first.completion_token_ids, first.logprobs) == ([1, 2, 3], [9, 8], [-0.1, -0.2])
+    assert first.sampling == {"temperature": 1.0}
+    tools = {t.tool_name: t for t in (tool_a, tool_b)}
+    assert tools["get_weather"].tool_args == {"city": "Paris"} and tools["get_weather"].tool_result == "sunny in Paris"
+    assert tools["get_weather"].tool_call_id == "c1" and tools["get_time"].tool_call_id == "c2"
+    assert all(t.node == "tools" and t.status == "ok" and t.root_run_id == first.root_run_id for t in (tool_a, tool_b))
+    assert (last.tokens_source, last.adapter_version, last.prompt_token_ids) == ("retokenized", None, None)
+    assert [m["type"] for m in last.input_messages] == ["human", "ai", "tool", "tool"]
+    assert last.output_message["data"]["content"] == "It is sunny and noon in Paris."
+    assert all(t.latency_ms is not None and t.latency_ms >= 0 for t in turns)
+    assert handler.stats.write_errors == 0 and handler.stats.pending == 0
+
+
+def test_second_invocation_of_a_thread_is_the_same_episode(store, handler):
+    agent = create_agent(ScriptedChatModel(script=[AIMessage("hello"), AIMessage("again")]), [],
+                         checkpointer=InMemorySaver())
+    agent.invoke({"messages": [HumanMessage("hi")]}, config=_config(handler))
+    agent.invoke({"messages": [HumanMessage("and now?")]}, config=_config(handler))
+    handler.flush()
+    assert [e.id for e in store.episodes()] == ["t1"]
+    second = store.turns(episode_id="t1")[-1]
+    assert [m["data"]["content"] for m in second.input_messages] == ["hi", "hello", "and now?"]
+    assert len({t.root_run_id for t in store.turns()}) == 2
+
+
+def test_failing_tool_and_failing_model(store, handler):
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[tool_call("broken", {"query": "x"}, "c9")]),
+                                      AIMessage("Sorry, the tool failed.")])
+    agent = create_agent(model, [broken])
+    try:
+        agent.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [handler]})
+    except RuntimeError:
+        pass  # whether the tool error reaches the caller depends on the ToolNode's error policy
+    handler.flush()
+    (tool_turn,) = store.turns(kind="tool")
+    assert tool_turn.status == "error" and "database is down" in tool_turn.error
+    assert tool_turn.tool_name == "broken" and tool_turn.tool_args == {"query": "x"}
+
+    failing = create_agent(ScriptedChatModel(script=[ValueError("model exploded")]), [])
+    with pytest.raises(ValueError, match="model exploded"):
+        failing.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [handler]})
+    handler.flush()
+    errored = [t for t in store.turns(kind="llm") if t.status == "error"]
+    assert len(errored) == 1 and errored[0].error == "ValueError: model exploded"
+    assert errored[0].input_messages[0]["data"]["content"] == "go"
+    episode = store.episode(errored[0].episode_id)
+    assert episode.status == "error" and "model exploded" in episode.error
+
+
+def test_retries_are_separate_turns(store, handler):
+    model = ScriptedChatModel(script=[ConnectionError("flaky"), AIMessage("ok")])
+    retrying = model.with_retry(stop_after_attempt=2, wait_exponential_jitter=False)
+    assert retrying.invoke("hi", config={"callbacks": [handler]}).content == "ok"
+    handler.flush()
+    assert [t.status for t in store.turns(kind="llm")] == ["error", "ok"]
+    assert len({t.episode_id for t in store.turns()}) == 1
+
+
+def test_subgraph_turns_carry_namespace(store, handler):
+    inner = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time])
+    outer = StateGraph(MessagesState)
+    outer.add_node("research", inner)
+    outer.add_edge(START, "research")
+    outer.add_edge("research", END)
+    graph = outer.compile(checkpointer=InMemorySaver())
+    graph.invoke({"messages": [HumanMessage("Paris?")]}, config=_config(handler, "outer-thread"))
+    handler.flush()
+    turns = store.turns(episode_id="outer-thread")
+    assert len(turns) == 4
+    assert all(t.checkpoint_ns and t.checkpoint_ns.startswith("research:") for t in turns)
+    assert {t.node for t in turns} == {"model", "tools"}
+    assert store.episode("outer-thread").graph_name == "LangGraph"
+
+
+def test_stream_and_async_paths(store, handler):
+    agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time],
+                         checkpointer=InMemorySaver())
+    chunks = list(agent.stream({"messages": [HumanMessage("stream it")]}, config=_config(handler, "s1"),
+                               stream_mode="messages"))
+    assert chunks
+
+    async def run_async():
+        await agent.ainvoke({"messages": [HumanMessage("async")]}, config=_config(handler, "a1"))
+        async for _ in agent.astream({"messages": [HumanMessage("astream")]}, config=_config(handler, "a2")):
+            pass
+
+    asyncio.run(run_async())
+    handler.flush()
+    for thread in ("s1", "a1", "a2"):
+        turns = store.turns(episode_id=thread)
+        assert [t.kind for t in turns] == ["llm", "tool", "tool", "llm"], thread
+        assert turns[0].output_message["data"]["tool_calls"][0]["args"] == {"city": "Paris"}
+        assert turns[0].tokens_source == "engine"
+        assert store.episode(thread).status == "ok"
+
+
+class Answer(BaseModel):
+    city: str
+    sunny: bool
+
+
+def test_structured_output(store, handler):
+    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[tool_call("Answer", {"city": "Paris", "sunny": True}, "s1")])])
+    structured = model.with_structured_output(Answer)
+    assert structured.invoke("Is Paris sunny?", config={"callbacks": [handler]}) == Answer(city="Paris", sunny=True)
+    handler.flush()
+    (turn,) = store.turns(kind="llm")
+    assert turn.output_message["data"]["tool_calls"][0]["args"] == {"city": "Paris", "sunny": True}
+    assert store.episode(turn.episode_id).status == "ok"
+
+
+def test_handler_attached_to_the_model_only(store, handler):
+    model = ScriptedChatModel(script=[AIMessage("attached")], callbacks=[handler])
+    agent = create_agent(model, [], checkpointer=InMemorySaver())
+    agent.invoke({"messages": [HumanMessage("hi")]}, config={"configurable": {"thread_id": "m1"}})
+    handler.flush()
+    (turn,) = store.turns()
+    assert turn.episode_id == "m1" and turn.node == "model"
+    assert store.episode("m1").status == "ok"
+
+
+def test_global_capture_one_liner(store):
+    handler = enable_global_capture(store)
+    try:
+        ScriptedChatModel(script=[AIMessage("global")]).invoke("hi")
+    finally:
+        disable_global_capture()
+    assert handler.stats.written == 3  # episode start, turn, episode end
+    (turn,) = store.turns()
+    assert turn.output_message["data"]["content"] == "global"
+    ScriptedChatModel(script=[AIMessage("not captured")]).invoke("hi")
+    assert len(store.turns()) == 1
+
+
+def test_coexists_with_langsmith_tracer(store, handler):
+    from langchain_core.tracers.langchain import LangChainTracer
+    from langsmith import Client
+
+    tracer = LangChainTracer(client=Client(api_url="http://127.0.0.1:9", api_key="lsv2-test-unreachable"))
+    agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time])
+    agent.invoke({"messages": [HumanMessage("both")]}, config={"callbacks": [handler, tracer]})
+    handler.flush()
+    assert len(store.turns()) == 4
+    assert tracer.latest_run is not None and tracer.latest_run.name == "LangGraph"
+
+
+def test_secrets_are_redacted_everywhere(store, tmp_path):
+    def drop_emails(record):
+        if record.get("type") == "turn" and record.get("input_messages"):
+            for m in record["input_messages"]:
+                m["data"]["content"] = m["data"]["content"].replace("alice@example.com", "[EMAIL]")
+        return record
+
+    handler = MetaClawCallbackHandler(store, redact=drop_emails)
+    secret = "sk-proj-" + "A1b2C3d4" * 5
+    model = ScriptedChatModel(script=[AIMessage(f"Use Authorization: Bearer {secret} and api_key=hunter2hunter2")])
+    model.invoke(f"my key is {secret}, mail alice@example.com", config={"callbacks": [handler]})
+    handler.close()
+    (turn,) = store.turns()
+    stored = str(turn.model_dump())
+    assert secret not in stored and "hunter2hunter2" not in stored and "alice@example.com" not in stored
+    assert turn.input_messages[0]["data"]["content"] == "my key is [REDACTED], mail [EMAIL]"
+    assert "api_key=[REDACTED]" in turn.output_message["data"]["content"]
+
+
+def test_a_broken_redact_hook_never_breaks_the_agent(store):
+    def explode(record):
+        raise KeyError("oops")
+
+    handler = MetaClawCallbackHandler(store, redact=explode)
+    assert ScriptedChatModel(script=[AIMessage("fine")]).invoke("hi", config={"callbacks": [handler]}).content == "fine"
+    handler.close()
+    assert handler.stats.serialize_errors == 3 and store.turns() == []  # episode start, turn, episode end
