@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := local,postgres,schedule,serve,dev
+EXTRAS := local,postgres,schedule,serve,tinker,dev
 
 .PHONY: demo test lint bench postgres-binaries clean
 

@@ -10,18 +10,22 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from langchain_metaclaw.adapters import AdapterRegistry
     from langchain_metaclaw.capture import (
         CaptureStats,
         MetaClawCallbackHandler,
         disable_global_capture,
         enable_global_capture,
     )
+    from langchain_metaclaw.chat_model import MetaClawChatModel
     from langchain_metaclaw.config import MetaClawSettings
     from langchain_metaclaw.store import TraceStore
 
 __version__ = "0.1.0"
 
 _dynamic_imports = {
+    "AdapterRegistry": "adapters",
+    "MetaClawChatModel": "chat_model",
     "CaptureStats": "capture",
     "MetaClawCallbackHandler": "capture",
     "enable_global_capture": "capture",
@@ -31,8 +35,10 @@ _dynamic_imports = {
 }
 
 __all__ = [
+    "AdapterRegistry",
     "CaptureStats",
     "MetaClawCallbackHandler",
+    "MetaClawChatModel",
     "MetaClawSettings",
     "TraceStore",
     "disable_global_capture",

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
@@ -488,8 +488,10 @@ class TraceStore:
         with self.engine.begin() as conn:
             conn.execute(update(schema.adapters).where(schema.adapters.c.version == version).values(**fields))
 
-    def start_train_run(self, *, backend: str | None = None, config: dict[str, Any] | None = None) -> TrainRun:
+    def start_train_run(self, *, backend: str | None = None, config: dict[str, Any] | None = None,
+                        base_adapter: str | None = None) -> TrainRun:
         row = {
+            "base_adapter": base_adapter,
             "id": str(uuid.uuid4()),
             "started_at": datetime.now(UTC),
             "status": "running",
@@ -514,6 +516,14 @@ class TraceStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         return self._select(TrainRun, stmt)
+
+    def requests_per_minute(self, window_s: float = 300.0) -> float:
+        """LLM calls per minute over the last ``window_s`` seconds (the MadMax serving-load signal)."""
+        since = datetime.now(UTC) - timedelta(seconds=window_s)
+        t = schema.turns
+        with self.engine.connect() as conn:
+            n = conn.execute(select(func.count()).select_from(t).where(t.c.kind == "llm", t.c.created_at >= since)).scalar_one()
+        return n * 60.0 / window_s
 
     # ------------------------------------------------------------------ health
 

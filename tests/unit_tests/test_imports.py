@@ -6,8 +6,10 @@ import sys
 import langchain_metaclaw
 
 EXPECTED_ALL = [
+    "AdapterRegistry",
     "CaptureStats",
     "MetaClawCallbackHandler",
+    "MetaClawChatModel",
     "MetaClawSettings",
     "TraceStore",
     "disable_global_capture",
@@ -24,7 +26,7 @@ def test_all():
 def test_import_does_not_load_heavy_packages():
     code = (
         "import sys, langchain_metaclaw\n"
-        "from langchain_metaclaw import MetaClawCallbackHandler, TraceStore\n"
+        "from langchain_metaclaw import MetaClawCallbackHandler, TraceStore, MetaClawChatModel, AdapterRegistry\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'tinker') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

@@ -34,15 +34,29 @@ def broken(query: str) -> str:
     raise RuntimeError("database is down")
 
 
-ENGINE_META = {"metaclaw": {"adapter_version": "v7", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [9, 8],
-                            "logprobs": [-0.1, -0.2], "tokens_source": "engine", "sampling": {"temperature": 1.0}}}
+ENGINE_META = {
+    "metaclaw": {
+        "adapter_version": "v7",
+        "prompt_token_ids": [1, 2, 3],
+        "completion_token_ids": [9, 8],
+        "logprobs": [-0.1, -0.2],
+        "tokens_source": "engine",
+        "sampling": {"temperature": 1.0},
+    }
+}
 
 
 def parallel_script():
     return [
-        AIMessage("", tool_calls=[tool_call("get_weather", {"city": "Paris"}, "c1"),
-                                  tool_call("get_time", {"city": "Paris"}, "c2")],
-                  response_metadata=ENGINE_META, usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}),
+        AIMessage(
+            "",
+            tool_calls=[
+                tool_call("get_weather", {"city": "Paris"}, "c1"),
+                tool_call("get_time", {"city": "Paris"}, "c2"),
+            ],
+            response_metadata=ENGINE_META,
+            usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+        ),
         AIMessage("It is sunny and noon in Paris."),
     ]
 
@@ -59,8 +73,9 @@ def handler(store):
 
 
 def test_agent_with_parallel_tool_calls(store, handler):
-    agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time],
-                         checkpointer=InMemorySaver())
+    agent = create_agent(
+        ScriptedChatModel(script=parallel_script()), [get_weather, get_time], checkpointer=InMemorySaver()
+    )
     result = agent.invoke({"messages": [HumanMessage("Weather and time in Paris?")]}, config=_config(handler))
     assert result["messages"][-1].content == "It is sunny and noon in Paris."
     assert handler.flush(10)
@@ -77,12 +92,22 @@ def test_agent_with_parallel_tool_calls(store, handler):
     assert [tc["name"] for tc in first.output_message["data"]["tool_calls"]] == ["get_weather", "get_time"]
     assert first.usage == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
     assert (first.tokens_source, first.adapter_version) == ("engine", "v7")
-    assert (first.prompt_token_ids, first.completion_token_ids, first.logprobs) == ([1, 2, 3], [9, 8], [-0.1, -0.2])
+    assert (first.prompt_token_ids, first.completion_token_ids, first.logprobs) == (
+        [1, 2, 3],
+        [9, 8],
+        [-0.1, -0.2],
+    )
     assert first.sampling == {"temperature": 1.0}
     tools = {t.tool_name: t for t in (tool_a, tool_b)}
-    assert tools["get_weather"].tool_args == {"city": "Paris"} and tools["get_weather"].tool_result == "sunny in Paris"
+    assert (
+        tools["get_weather"].tool_args == {"city": "Paris"}
+        and tools["get_weather"].tool_result == "sunny in Paris"
+    )
     assert tools["get_weather"].tool_call_id == "c1" and tools["get_time"].tool_call_id == "c2"
-    assert all(t.node == "tools" and t.status == "ok" and t.root_run_id == first.root_run_id for t in (tool_a, tool_b))
+    assert all(
+        t.node == "tools" and t.status == "ok" and t.root_run_id == first.root_run_id
+        for t in (tool_a, tool_b)
+    )
     assert (last.tokens_source, last.adapter_version, last.prompt_token_ids) == ("retokenized", None, None)
     assert [m["type"] for m in last.input_messages] == ["human", "ai", "tool", "tool"]
     assert last.output_message["data"]["content"] == "It is sunny and noon in Paris."
@@ -91,8 +116,9 @@ def test_agent_with_parallel_tool_calls(store, handler):
 
 
 def test_second_invocation_of_a_thread_is_the_same_episode(store, handler):
-    agent = create_agent(ScriptedChatModel(script=[AIMessage("hello"), AIMessage("again")]), [],
-                         checkpointer=InMemorySaver())
+    agent = create_agent(
+        ScriptedChatModel(script=[AIMessage("hello"), AIMessage("again")]), [], checkpointer=InMemorySaver()
+    )
     agent.invoke({"messages": [HumanMessage("hi")]}, config=_config(handler))
     agent.invoke({"messages": [HumanMessage("and now?")]}, config=_config(handler))
     handler.flush()
@@ -103,8 +129,12 @@ def test_second_invocation_of_a_thread_is_the_same_episode(store, handler):
 
 
 def test_failing_tool_and_failing_model(store, handler):
-    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[tool_call("broken", {"query": "x"}, "c9")]),
-                                      AIMessage("Sorry, the tool failed.")])
+    model = ScriptedChatModel(
+        script=[
+            AIMessage("", tool_calls=[tool_call("broken", {"query": "x"}, "c9")]),
+            AIMessage("Sorry, the tool failed."),
+        ]
+    )
     agent = create_agent(model, [broken])
     try:
         agent.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [handler]})
@@ -152,10 +182,14 @@ def test_subgraph_turns_carry_namespace(store, handler):
 
 
 def test_stream_and_async_paths(store, handler):
-    agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time],
-                         checkpointer=InMemorySaver())
-    chunks = list(agent.stream({"messages": [HumanMessage("stream it")]}, config=_config(handler, "s1"),
-                               stream_mode="messages"))
+    agent = create_agent(
+        ScriptedChatModel(script=parallel_script()), [get_weather, get_time], checkpointer=InMemorySaver()
+    )
+    chunks = list(
+        agent.stream(
+            {"messages": [HumanMessage("stream it")]}, config=_config(handler, "s1"), stream_mode="messages"
+        )
+    )
     assert chunks
 
     async def run_async():
@@ -179,9 +213,13 @@ class Answer(BaseModel):
 
 
 def test_structured_output(store, handler):
-    model = ScriptedChatModel(script=[AIMessage("", tool_calls=[tool_call("Answer", {"city": "Paris", "sunny": True}, "s1")])])
+    model = ScriptedChatModel(
+        script=[AIMessage("", tool_calls=[tool_call("Answer", {"city": "Paris", "sunny": True}, "s1")])]
+    )
     structured = model.with_structured_output(Answer)
-    assert structured.invoke("Is Paris sunny?", config={"callbacks": [handler]}) == Answer(city="Paris", sunny=True)
+    assert structured.invoke("Is Paris sunny?", config={"callbacks": [handler]}) == Answer(
+        city="Paris", sunny=True
+    )
     handler.flush()
     (turn,) = store.turns(kind="llm")
     assert turn.output_message["data"]["tool_calls"][0]["args"] == {"city": "Paris", "sunny": True}
@@ -232,7 +270,9 @@ def test_secrets_are_redacted_everywhere(store, tmp_path):
 
     handler = MetaClawCallbackHandler(store, redact=drop_emails)
     secret = "sk-proj-" + "A1b2C3d4" * 5
-    model = ScriptedChatModel(script=[AIMessage(f"Use Authorization: Bearer {secret} and api_key=hunter2hunter2")])
+    model = ScriptedChatModel(
+        script=[AIMessage(f"Use Authorization: Bearer {secret} and api_key=hunter2hunter2")]
+    )
     model.invoke(f"my key is {secret}, mail alice@example.com", config={"callbacks": [handler]})
     handler.close()
     (turn,) = store.turns()
@@ -247,6 +287,9 @@ def test_a_broken_redact_hook_never_breaks_the_agent(store):
         raise KeyError("oops")
 
     handler = MetaClawCallbackHandler(store, redact=explode)
-    assert ScriptedChatModel(script=[AIMessage("fine")]).invoke("hi", config={"callbacks": [handler]}).content == "fine"
+    assert (
+        ScriptedChatModel(script=[AIMessage("fine")]).invoke("hi", config={"callbacks": [handler]}).content
+        == "fine"
+    )
     handler.close()
     assert handler.stats.serialize_errors == 3 and store.turns() == []  # episode start, turn, episode end

@@ -46,8 +46,14 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("max_delay", [3600.0, 0.01], ids=["nothing-committed", "writer-running"])
 def test_sigkill_loses_no_completed_turn(store_url, max_delay):
     TraceStore(store_url).close()  # migrate first so the child starts fast
-    child = subprocess.Popen([sys.executable, "-c", CHILD, store_url, str(max_delay)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, store_url, str(max_delay)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     done = []
     try:
         while len(done) < 25:
@@ -84,7 +90,9 @@ def test_database_down_then_back(tmp_path):
         assert not handler.flush(1.0)
         assert handler.stats.write_errors >= 1 and handler.stats.pending == 5
         opts = f"-p {server.port} -c listen_addresses=127.0.0.1 -k {server.root}"
-        server._run("pg_ctl", "-D", str(server.data), "-o", opts, "-l", str(server.root / "log"), "-w", "start")
+        server._run(
+            "pg_ctl", "-D", str(server.data), "-o", opts, "-l", str(server.root / "log"), "-w", "start"
+        )
         assert handler.flush(30), handler.stats
         contents = sorted(t.input_messages[0]["data"]["content"] for t in store.turns())
         assert contents == ["before"] + [f"during {i}" for i in range(5)]

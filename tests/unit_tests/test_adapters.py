@@ -1,0 +1,238 @@
+"""AdapterRegistry: candidates, promotion, rollback history, and bad adapters refused before anything changes.
+
+The history tests use tiny fake adapter directories (file-level checks only, no model). The last group
+promotes real adapters through ``MetaClawChatModel.promote``, whose validator loads them against the base
+model: a corrupt file, pickled weights, another rank or another base model is refused with an
+``AdapterError`` that says what is wrong, the version is marked ``rejected``, and serving does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from langchain_metaclaw.adapters import AdapterRegistry, validate_adapter_dir
+from langchain_metaclaw.errors import AdapterError
+from langchain_metaclaw.store.trace_store import TraceStore
+from tests.fixtures.chat import (  # noqa: F401 (serving_engine is a fixture)
+    ADAPTER_PROMPT,
+    copy_adapter,
+    corrupt,
+    edit_config,
+    pickle_only,
+    serving_engine,
+)
+
+
+def fake_adapter(path: Path, *, r: int = 2) -> Path:
+    """A directory that passes the registry's file-level checks (a LoRA config and parseable safetensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
+    save_file({"base_model.model.layer.lora_A.weight": torch.zeros(r, 4)}, str(path / "adapter_model.safetensors"))
+    return path
+
+
+@pytest.fixture
+def registry() -> AdapterRegistry:
+    return AdapterRegistry(TraceStore("sqlite://"))
+
+
+def _statuses(registry: AdapterRegistry) -> dict[str, str]:
+    return {a.version: a.status for a in registry.versions()}
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+def test_register_makes_numbered_candidates_and_nothing_serves(registry, tmp_path) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a"), base_model="SmolLM2-135M-Instruct", metrics={"reward": 0.4})
+    v2 = registry.register(fake_adapter(tmp_path / "b"), parent_version=v1.version)
+    assert (v1.version, v2.version) == ("v1", "v2")
+    assert v1.status == v2.status == "candidate"
+    assert registry.get("v2").parent_version == "v1"
+    assert registry.get("v1").metrics == {"reward": 0.4}
+    assert registry.current() is None
+    with pytest.raises(AdapterError, match="no adapter version 'v9'"):
+        registry.get("v9")
+
+
+def test_promote_retires_the_previous_version_and_rollback_walks_back(registry, tmp_path) -> None:
+    for name in "abc":
+        registry.register(fake_adapter(tmp_path / name))
+    registry.promote("v1")
+    assert registry.current().version == "v1"
+    assert registry.get("v1").promoted_at is not None
+    registry.promote("v2")
+    registry.promote("v3", notes="reward 0.61 vs 0.55")
+    assert _statuses(registry) == {"v1": "retired", "v2": "retired", "v3": "serving"}
+    assert registry.get("v3").notes == "reward 0.61 vs 0.55"
+
+    assert registry.rollback().version == "v2"  # the most recently serving one before v3
+    assert _statuses(registry) == {"v1": "retired", "v2": "serving", "v3": "rolled_back"}
+    assert registry.rollback().version == "v1"
+    assert _statuses(registry) == {"v1": "serving", "v2": "rolled_back", "v3": "rolled_back"}
+    assert registry.rollback() is None  # nothing before v1: the base model serves
+    assert registry.current() is None
+    assert _statuses(registry) == {"v1": "rolled_back", "v2": "rolled_back", "v3": "rolled_back"}
+
+
+def test_rollback_to_a_named_version_and_promote_after_a_rollback(registry, tmp_path) -> None:
+    for name in "abc":
+        registry.register(fake_adapter(tmp_path / name))
+    registry.promote("v1")
+    registry.promote("v2")
+    registry.promote("v3")
+    assert registry.rollback(to="v1").version == "v1"
+    assert _statuses(registry) == {"v1": "serving", "v2": "retired", "v3": "rolled_back"}
+    registry.promote("v3")  # a rolled-back version can be promoted again
+    assert registry.current().version == "v3"
+    assert registry.rollback().version == "v1"  # v1 served last before v3
+
+
+def test_rollback_refuses_a_rejected_version(registry, tmp_path) -> None:
+    registry.register(fake_adapter(tmp_path / "a"))
+    registry.register(fake_adapter(tmp_path / "b"))
+    registry.promote("v1")
+
+    def refuse(adapter) -> None:
+        raise ValueError("reward dropped from 0.6 to 0.2")
+
+    with pytest.raises(AdapterError, match="adapter v2 failed validation: reward dropped from 0.6 to 0.2"):
+        registry.promote("v2", validator=refuse)
+    assert registry.get("v2").status == "rejected"
+    assert "reward dropped" in registry.get("v2").notes
+    with pytest.raises(AdapterError, match="cannot roll back to adapter v2: it was rejected"):
+        registry.rollback(to="v2")
+    assert registry.current().version == "v1"
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path) -> None:
+    store = TraceStore(f"sqlite:///{tmp_path / 'metaclaw.db'}")
+    paths = [fake_adapter(tmp_path / f"a{i}") for i in range(6)]
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def register(path: Path) -> None:
+        try:
+            got.append(AdapterRegistry(store).register(path).version)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert sorted(got) == [f"v{i}" for i in range(1, 7)]
+
+
+def test_remote_adapters_skip_the_file_checks(registry) -> None:
+    v = registry.register("tinker://run-1/sampler_weights/000100", backend="tinker")
+    registry.promote(v.version)
+    assert registry.current().uri == "tinker://run-1/sampler_weights/000100"
+
+
+# ---------------------------------------------------------------------------------------------- file checks
+
+
+def test_register_refuses_pickled_weights_a_broken_file_and_non_lora(registry, tmp_path) -> None:
+    with pytest.raises(AdapterError, match=r"no adapter_model.safetensors \(found pickled weights: adapter_model.bin\); "
+                                           "only safetensors adapters are loaded"):
+        registry.register(pickle_only(fake_adapter(tmp_path / "bin")))
+    with pytest.raises(AdapterError, match="are corrupt"):
+        registry.register(corrupt(fake_adapter(tmp_path / "corrupt")))
+    with pytest.raises(AdapterError, match="only LORA adapters can be served"):
+        registry.register(edit_config(fake_adapter(tmp_path / "ia3"), peft_type="IA3"))
+    with pytest.raises(AdapterError, match="does not exist"):
+        registry.register(tmp_path / "missing")
+    assert registry.versions() == []
+    assert validate_adapter_dir(fake_adapter(tmp_path / "ok"))["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (corrupt, r"adapter weights at .*adapter_model.safetensors are corrupt"),
+        (pickle_only, r"has no adapter_model.safetensors \(found pickled weights: adapter_model.bin\)"),
+    ],
+    ids=["corrupt", "bin-only"],
+)
+def test_files_broken_after_registration_are_refused_at_promotion(registry, tmp_path, damage, match) -> None:
+    registry.register(fake_adapter(tmp_path / "good"))
+    registry.promote("v1")
+    path = fake_adapter(tmp_path / "bad")
+    registry.register(path)
+    damage(path)
+    with pytest.raises(AdapterError, match=match):
+        registry.promote("v2")
+    assert registry.current().version == "v1"
+    assert _statuses(registry) == {"v1": "serving", "v2": "rejected"}
+
+
+def test_a_serving_version_that_fails_revalidation_keeps_serving(registry, tmp_path) -> None:
+    path = fake_adapter(tmp_path / "a")
+    registry.register(path)
+    registry.promote("v1")
+    corrupt(path)
+    with pytest.raises(AdapterError, match="corrupt"):
+        registry.promote("v1")
+    assert registry.current().version == "v1"  # marking it rejected would switch every model to the base
+
+
+# ---------------------------------------------------------------------------------------------- against the model
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("corrupt", r"adapter weights at .* are corrupt"),
+        ("bin_only", "only safetensors adapters are loaded"),
+        ("wrong_rank", r"does not fit base model .*wrong shape \(rank r=4 in the config\)"),
+        ("wrong_base", "was trained on base model 'Qwen/Qwen2.5-0.5B-Instruct', but this engine serves"),
+    ],
+)
+def test_bad_adapters_are_refused_at_promotion_and_serving_is_unchanged(
+    serving_engine, two_adapters, tmp_path, case, match  # noqa: F811
+) -> None:
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+
+    store = TraceStore("sqlite://")
+    registry = AdapterRegistry(store)
+    registry.register(two_adapters[0])
+    llm = MetaClawChatModel(store=store, temperature=0, max_tokens=4)
+    try:
+        llm.promote("v1")
+        before = llm.invoke(ADAPTER_PROMPT)
+        assert before.response_metadata["adapter_version"] == "v1"
+
+        path = copy_adapter(two_adapters[1], tmp_path / case)
+        if case == "wrong_rank":
+            edit_config(path, r=4)  # the tensors are rank 8
+        elif case == "wrong_base":
+            edit_config(path, base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+        registry.register(path)  # passes the file checks; the damage below comes after registration
+        if case == "corrupt":
+            corrupt(path)
+        elif case == "bin_only":
+            pickle_only(path)
+
+        with pytest.raises(AdapterError, match=match):
+            llm.promote("v2")
+        assert registry.get("v2").status == "rejected"
+        assert registry.current().version == "v1"
+        assert llm.refresh() == "v1" == llm.serving_version
+        after = llm.invoke(ADAPTER_PROMPT)
+        assert after.response_metadata["adapter_version"] == "v1"
+        assert after.content == before.content
+        assert (after.response_metadata["metaclaw"]["completion_token_ids"]
+                == before.response_metadata["metaclaw"]["completion_token_ids"])
+    finally:
+        llm.close()

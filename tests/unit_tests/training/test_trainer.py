@@ -1,0 +1,76 @@
+"""The Trainer loop on the real embedded model: traces -> scores -> LoRA step -> candidate -> gate."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
+from langchain_metaclaw.adapters import AdapterRegistry
+from langchain_metaclaw.chat_model import MetaClawChatModel
+from langchain_metaclaw.training.trainer import Trainer, TrainerConfig
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+PROMPTS = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a country.", "Name a city.", "Name a tool."]
+
+
+def says_done(prompt, text: str) -> float:
+    return 1.0 if "done" in text.lower() else 0.0
+
+
+@pytest.fixture
+def captured_store(tmp_path):
+    store = TraceStore(f"sqlite:///{tmp_path / 't.db'}")
+    llm = MetaClawChatModel(store=store, max_tokens=12, temperature=1.0, seed=0)
+    handler = MetaClawCallbackHandler(store)
+    for prompt in PROMPTS:
+        message = llm.invoke([HumanMessage(prompt)], config={"callbacks": [handler]})
+        assert message.response_metadata["metaclaw"]["tokens_source"] == "engine"
+    handler.close()
+    for turn in store.turns(kind="llm"):
+        store.add_score(turn.id, says_done(None, turn.output_message["data"]["content"]) - 0.5, source="rule:done")
+    yield store
+    llm.close()
+
+
+def test_run_trains_registers_and_gates_a_candidate(captured_store):
+    cfg = TrainerConfig(max_steps=2, batch_size=3, min_samples=2, eval_prompts=4, token_budget=512, threads=2,
+                        low_priority=False)
+    trainer = Trainer(captured_store, cfg, reward_fn=says_done)
+    run = trainer.run()
+    assert run.status == "ok", run.reason
+    # 6 captured prompts: the 2 most recent are held out for the promotion gate and never trained on
+    assert run.steps == 2 and len(run.samples) == 4
+    held_out = {t.id for t in captured_store.turns(kind="llm")[-2:]}
+    assert not held_out & set(run.samples)
+    assert run.metrics["samples_scored"] == 6 and run.metrics["dropped_stale"] == 0
+    assert "loss:sum" in "".join(run.metrics) and run.metrics["eval_prompts"] == 2
+    candidate = AdapterRegistry(captured_store).get(run.candidate_adapter)
+    assert candidate.status in ("serving", "rejected")
+    assert run.reason.startswith(("promoted", "rejected"))
+    # a second run has nothing new to train on (the held-out turns stay held out), and says so
+    again = Trainer(captured_store, cfg, reward_fn=says_done).run()
+    assert again.status == "skipped"
+    assert again.reason == "every fresh sample is held out for evaluation; waiting for more traffic"
+
+
+def test_stop_event_stops_within_a_step_and_checkpoints(captured_store):
+    stop = threading.Event()
+    cfg = TrainerConfig(max_steps=5, batch_size=2, min_samples=2, eval_prompts=0, threads=2, low_priority=False)
+
+    def progress(step, total, metrics):
+        stop.set()  # the user came back during step 1
+
+    run = Trainer(captured_store, cfg).run(stop_event=stop, progress=progress)
+    assert run.status == "stopped" and run.reason == "stop requested before step 2"
+    assert run.steps == 1 and run.metrics["checkpoint"]
+    assert run.candidate_adapter is not None  # what was learned is kept as a candidate
+
+
+def test_nothing_to_train_is_recorded_with_the_reason(tmp_path):
+    store = TraceStore(f"sqlite:///{tmp_path / 'empty.db'}")
+    run = Trainer(store, TrainerConfig()).run()
+    assert (run.status, run.reason) == ("skipped", "no scored turns yet")
