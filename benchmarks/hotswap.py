@@ -179,7 +179,8 @@ def main() -> None:
     llm.promote(v_a)
 
     lock = threading.Lock()
-    stats = {phase: {"latency": [], "failed": 0, "mixed": 0, "served": {}} for phase in ("no swaps", "swaps")}
+    stats = {phase: {"latency": [], "failed": 0, "mixed": 0, "served": {}, "answers": []}
+             for phase in ("no swaps", "swaps")}
     phase = {"name": "no swaps"}
     stop = threading.Event()
 
@@ -198,8 +199,7 @@ def main() -> None:
                 record = stats[name]
                 record["latency"].append(took)
                 record["served"][got[0]] = record["served"].get(got[0], 0) + 1
-                if reference.get(got[0]) != got:
-                    record["mixed"] += 1
+                record["answers"].append(got)
 
     swaps = {"n": 0, "errors": 0}
     swapping = threading.Event()
@@ -232,6 +232,14 @@ def main() -> None:
     stop.set()
     for t in threads:
         t.join(timeout=120)
+    # rollbacks walk back through the registry's history, so older versions serve too: every version that
+    # answered gets its pure answer (single-threaded, greedy, pinned) before the answers are compared
+    for record in stats.values():
+        for version in record["served"]:
+            if version not in reference:
+                pinned = MetaClawChatModel(store=store, adapter=version, temperature=0, max_tokens=args.max_tokens)
+                reference[version] = answer_of(pinned.invoke(PROMPT))
+        record["mixed"] = sum(reference[got[0]] != got for got in record["answers"])
 
     print(f"\nlatency: {args.clients} client threads, greedy, {args.max_tokens} tokens, {args.rounds} x "
           f"{args.window:.0f} s windows each; {swaps['n']} swaps (every {args.swap_every} s), {swaps['errors']} failed")

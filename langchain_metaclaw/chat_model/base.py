@@ -6,6 +6,16 @@ stores exactly what RL must train on. A background watcher follows the store's a
 version is loaded under its own name and validated, then published by flipping one reference; every
 request reads that reference once and stays pinned to it, so a promotion never fails, interrupts or mixes
 a request (DESIGN decision 6).
+
+Hot-swap rules, each tested in ``tests/unit_tests/chat_model/test_hotswap.py``:
+
+- a request holds a reference on its version until it ends (``_pin``); old versions are unloaded only when no
+  request holds them (``_evict``), so a long request never loses its adapter, whatever is promoted meanwhile;
+- the local engine is shared by every chat model of the process, so local versions are loaded under a name
+  that includes a digest of their path (two stores may both have a ``v1``), and the backend counts the
+  models holding each name: one model retiring a version never unloads it from under another;
+- the watcher also preloads the newest registered candidate (``preload_candidates``), so a promotion made
+  anywhere (another process, the CLI) is a reference flip here: picked up within ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -102,6 +112,7 @@ class MetaClawChatModel(BaseChatModel):
     temperature: float = 0.7
     """Sampling temperature; 0 is greedy. Logprobs are of ``softmax(logits / T)``."""
     top_p: float = 1.0
+    """Nucleus truncation of the sampling distribution (1.0: off); the logprobs are of the truncated one."""
     max_tokens: int | None = 256
     """Maximum new tokens per answer."""
     constrained_min_tokens: int = 128
@@ -110,9 +121,11 @@ class MetaClawChatModel(BaseChatModel):
     The grammar ends the answer as soon as the JSON is complete, so the floor costs nothing on short calls;
     ``sampling["max_new_tokens"]`` records the budget used. 0 turns it off."""
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop strings: the text is trimmed before the first match (the token ids keep the tokens that made it)."""
     seed: int | None = None
+    """Seed of each request's own sampler (recorded in ``sampling["seed"]`` either way)."""
     timeout: float | None = None
-    """Seconds to wait for an answer before raising ``TimeoutError``."""
+    """Seconds to wait for an answer before raising ``TimeoutError``; local decoding stops at the next token."""
     max_retries: int = 2
     """Retries of a remote backend call (the local backend does not fail transiently)."""
     base_url: str | None = None
@@ -438,8 +451,10 @@ class MetaClawChatModel(BaseChatModel):
 
     def _message(self, completion: Completion, request: CompletionRequest, chunk: bool = False):
         tool_names = {t["function"]["name"] for t in request.tools} if request.tools else None
-        if completion.tool_calls is not None:
-            content, calls, invalid = completion.text, completion.tool_calls, []
+        if completion.tool_calls is not None:  # parsed by the server; malformed ones come typed as invalid
+            content = completion.text
+            calls = [c for c in completion.tool_calls if c.get("type") != "invalid_tool_call"]
+            invalid = [c for c in completion.tool_calls if c.get("type") == "invalid_tool_call"]
         elif request.json_schema is not None:
             parsed = parse_tool_call_json(completion.text)
             content = ""

@@ -691,7 +691,7 @@ class Watchdog:
         self.stop_event.clear()
 
     def check(self) -> WindowDecision:
-        """Evaluate now; on open→closed set :attr:`stop_event`. Returns the decision."""
+        """Evaluate now; on open→closed set :attr:`stop_event` (after ``on_decision``). Returns the decision."""
         with self._lock:
             now = self.clock.now()
             try:
@@ -710,8 +710,6 @@ class Watchdog:
             was_open = self._open
             self._open = decision.open
             self._last = decision
-            if was_open and not decision.open:
-                self.stop_event.set()
             if changed:
                 self.transitions += 1
         if first or changed:
@@ -727,4 +725,7 @@ class Watchdog:
                     self.on_decision(decision)
                 except Exception:  # noqa: BLE001
                     logger.exception("on_decision callback failed")
+        if was_open and not decision.open:
+            # after on_decision: the close is recorded before the trainer can react and record its end
+            self.stop_event.set()
         return decision

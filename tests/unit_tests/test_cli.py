@@ -65,8 +65,8 @@ def test_status_shows_every_stage(tmp_path):
 
 
 def test_adapters_promote_and_rollback_from_the_cli(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     url = f"sqlite:///{tmp_path / 'a.db'}"
     store = TraceStore(url)

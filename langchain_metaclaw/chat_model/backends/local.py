@@ -1,7 +1,8 @@
 """The ``local`` serving backend: :class:`LocalEngine` (transformers + peft, CPU or GPU) in this process.
 
 Engines are shared per base model within a process, so several chat models (and the demo's evaluator)
-serve from one copy of the weights; each adapter version is loaded once under its own name.
+serve from one copy of the weights; each adapter version is loaded once under its own name, and stays loaded
+while any backend of the process holds it.
 """
 
 from __future__ import annotations

@@ -255,9 +255,9 @@ def test_max_tokens_at_init_and_per_call(engine) -> None:
 
 
 def test_timeout_raises_and_stops_decoding(adapted) -> None:
-    slow = adapted.model_copy(update={"timeout": 0.05, "max_tokens": 200})
-    # model_copy shares the private state; give the copy its own pins and no pool
-    slow._refs, slow._pool = {}, None
+    slow = MetaClawChatModel(store=adapted.store, temperature=0, max_tokens=200, timeout=0.05)
+    slow.refresh()  # serving v1 (already in the engine: no load inside the timed call)
+    assert slow.serving_version == "v1"
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="no answer within timeout=0.05s"):
         slow.invoke(FRANCE)
@@ -268,6 +268,7 @@ def test_timeout_raises_and_stops_decoding(adapted) -> None:
     assert slow._refs == {}
     with pytest.raises(TimeoutError):
         list(slow.stream(FRANCE))
+    slow.close()
 
 
 def test_invalid_settings_are_configuration_errors() -> None:

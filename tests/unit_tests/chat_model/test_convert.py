@@ -221,3 +221,20 @@ def test_forced_schema_names_an_unbound_tool() -> None:
 
 def test_usage_metadata_holds_only_the_three_counts() -> None:
     assert create_usage_metadata(12, 5) == {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}
+
+
+def test_server_parsed_malformed_tool_calls_become_invalid_tool_calls():
+    from langchain_core.messages.tool import invalid_tool_call, tool_call
+
+    from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+
+    good = tool_call(name="get_weather", args={"city": "Paris"}, id="c1")
+    bad = invalid_tool_call(name="get_weather", args='{"city": Par', id="c2", error="invalid JSON")
+    completion = Completion(text="", finish_reason="tool_calls", prompt_token_ids=None, completion_token_ids=None,
+                            logprobs=None, adapter_version=None, model_name="m", tool_calls=[good, bad])
+    request = CompletionRequest(messages=[], tools=[{"type": "function", "function": {"name": "get_weather"}}])
+    message = MetaClawChatModel(backend="openai", base_url="http://127.0.0.1:1/v1")._message(completion, request)
+    assert message.tool_calls == [good]
+    assert [c["args"] for c in message.invalid_tool_calls] == ['{"city": Par']
+    assert message.response_metadata["metaclaw"]["tokens_source"] == "retokenized"
