@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from langchain_metaclaw.errors import AdapterError
 from langchain_metaclaw.store import schema
@@ -183,6 +183,10 @@ class AdapterRegistry:
         t = schema.adapters
         now = datetime.now(UTC)
         with self.store.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # READ COMMITTED lets two concurrent switches both retire the old pointer and both set theirs:
+                # serialise switches (SQLite already does, with its single writer).
+                conn.execute(text("SELECT pg_advisory_xact_lock(72077266)"))
             conn.execute(update(t).where(t.c.status == "serving").values(status=retire_as))
             values: dict[str, Any] = {"status": "serving", "promoted_at": now}
             if notes is not None:

@@ -236,3 +236,30 @@ def test_bad_adapters_are_refused_at_promotion_and_serving_is_unchanged(
                 == before.response_metadata["metaclaw"]["completion_token_ids"])
     finally:
         llm.close()
+
+
+def test_concurrent_promotions_leave_exactly_one_serving(store, tmp_path):
+    """Many promotions racing on one store (SQLite, and PostgreSQL under READ COMMITTED) never leave two
+    versions serving."""
+    import json
+    import threading
+
+    import torch
+    from safetensors.torch import save_file
+
+    from langchain_metaclaw.adapters import AdapterRegistry
+
+    registry = AdapterRegistry(store)
+    versions = []
+    for i in range(6):
+        d = tmp_path / f"a{i}"
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+        save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(d / "adapter_model.safetensors"))
+        versions.append(registry.register(d).version)
+    threads = [threading.Thread(target=registry.promote, args=(v,)) for v in versions for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.adapters(status="serving")) == 1
