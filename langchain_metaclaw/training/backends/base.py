@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.training.types import (
+    LOSS_FN_CONFIG_KEYS,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -22,9 +24,26 @@ from langchain_metaclaw.training.types import (
     SavedWeights,
 )
 
-__all__ = ["LOSS_FNS", "LogprobModel", "TrainingBackend"]
+__all__ = ["LOSS_FNS", "LogprobModel", "TrainingBackend", "validate_request"]
 
 LOSS_FNS: tuple[LossFnName, ...] = ("importance_sampling", "cross_entropy", "ppo")
+
+def validate_request(data: Sequence[Datum], loss_fn: str, config: Mapping[str, float]) -> None:
+    """Refuse a ``forward_backward`` call every backend would reject, before any work (or network) is spent."""
+    if loss_fn not in LOSS_FNS:
+        msg = f"Unknown loss_fn {loss_fn!r}; expected one of {list(LOSS_FNS)}"
+        raise ConfigurationError(msg)
+    unknown = set(config) - LOSS_FN_CONFIG_KEYS[loss_fn]
+    if unknown:
+        msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r}"
+        raise ConfigurationError(msg)
+    for i, datum in enumerate(data):
+        try:
+            datum.check_for(loss_fn)
+        except ValueError as exc:
+            msg = f"data[{i}]: {exc}"
+            raise ConfigurationError(msg) from exc
+
 
 LogprobModel = Literal["current", "base"]
 """Which policy ``compute_logprobs`` scores with: the adapter being trained, or the base model alone."""

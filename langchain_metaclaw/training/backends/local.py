@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_metaclaw._compat import require
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError
-from langchain_metaclaw.training.backends.base import LOSS_FNS, LogprobModel
+from langchain_metaclaw.training.backends.base import LogprobModel, validate_request
 from langchain_metaclaw.training.types import (
-    LOSS_FN_CONFIG_KEYS,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -357,7 +356,7 @@ class LocalTrainingBackend:
         torch = require("torch", backend="local", extra="local")
         data = list(data)
         config = dict(loss_fn_config or {})
-        self._validate(data, loss_fn, config)
+        validate_request(data, loss_fn, config)
         if not data:
             return ForwardBackwardOutput(loss_fn_outputs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
         with self._lock:
@@ -564,21 +563,6 @@ class LocalTrainingBackend:
             "dropout": self.dropout,
             "target_modules": sorted(self.target_modules),
         }
-
-    def _validate(self, data: list[Datum], loss_fn: str, config: Mapping[str, float]) -> None:
-        if loss_fn not in LOSS_FNS:
-            msg = f"Unknown loss_fn {loss_fn!r}; expected one of {list(LOSS_FNS)}"
-            raise ConfigurationError(msg)
-        unknown = set(config) - LOSS_FN_CONFIG_KEYS[loss_fn]
-        if unknown:
-            msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r}"
-            raise ConfigurationError(msg)
-        for i, datum in enumerate(data):
-            try:
-                datum.check_for(loss_fn)
-            except ValueError as exc:
-                msg = f"data[{i}]: {exc}"
-                raise ConfigurationError(msg) from exc
 
     def _collate(self, data: list[Datum], *, with_inputs: bool) -> dict[str, torch.Tensor]:
         """Right-pad a micro-batch to its longest datum (pad positions have attention 0 and weight 0)."""

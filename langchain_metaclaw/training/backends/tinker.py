@@ -37,9 +37,8 @@ from typing import Any, Literal
 
 from langchain_metaclaw._compat import require
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError
-from langchain_metaclaw.training.backends.base import LOSS_FNS, LogprobModel
+from langchain_metaclaw.training.backends.base import LogprobModel, validate_request
 from langchain_metaclaw.training.types import (
-    LOSS_FN_CONFIG_KEYS,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
@@ -232,7 +231,7 @@ class TinkerTrainingBackend:
         self._check_open()
         data = list(data)
         config = dict(loss_fn_config or {})
-        self._validate(data, loss_fn, config)
+        validate_request(data, loss_fn, config)
         kl_coef = float(config.pop("kl_coef", 0.0))
         shaped: list[list[float]] | None = None
         extra: Metrics = {}
@@ -410,21 +409,6 @@ class TinkerTrainingBackend:
         if self._closed:
             msg = "This training backend is closed"
             raise TrainingError(msg)
-
-    def _validate(self, data: list[Datum], loss_fn: str, config: Mapping[str, float]) -> None:
-        if loss_fn not in LOSS_FNS:
-            msg = f"Unknown loss_fn {loss_fn!r}; expected one of {list(LOSS_FNS)}"
-            raise ConfigurationError(msg)
-        unknown = set(config) - LOSS_FN_CONFIG_KEYS[loss_fn]
-        if unknown:
-            msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r}"
-            raise ConfigurationError(msg)
-        for i, datum in enumerate(data):
-            try:
-                datum.check_for(loss_fn)
-            except ValueError as exc:
-                msg = f"data[{i}]: {exc}"
-                raise ConfigurationError(msg) from exc
 
 
 def _client_metrics(
