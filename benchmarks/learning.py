@@ -67,15 +67,7 @@ def main() -> None:
     for p in task.train:
         llm.invoke(_lc(p.messages), config={"callbacks": [handler]})
     handler.close()
-    for turn in store.turns(kind="llm"):
-        from langchain_core.messages import messages_from_dict
-
-        from langchain_metaclaw.chat_model._convert import convert_messages
-
-        chat = convert_messages(messages_from_dict(turn.input_messages))
-        reward = task.reward(chat, turn.output_message["data"]["content"])
-        if reward is not None:
-            store.add_score(turn.id, reward, source="rule:tool_call_format")
+    task.score_turns(store)
     print(f"captured and scored {len(store.turns(kind='llm'))} turns of live traffic")
 
     before = evaluate(llm, task, task.held_out, samples=args.eval_samples)

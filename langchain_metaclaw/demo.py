@@ -119,24 +119,7 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
     handler.flush()
 
     # 2. score
-    from langchain_core.messages import messages_from_dict
-
-    from langchain_metaclaw.chat_model._convert import convert_messages
-
-    scored = 0
-    for turn in store.turns(kind="llm"):
-        chat = convert_messages(messages_from_dict(turn.input_messages))
-        out = turn.output_message["data"]
-        text = out.get("content") or ""
-        if out.get("tool_calls"):
-            import json
-
-            call = out["tool_calls"][0]
-            text = json.dumps({"name": call["name"], "arguments": call["args"]})
-        reward = task.reward(chat, text)
-        if reward is not None:
-            store.add_score(turn.id, reward, source="rule:tool_call_format")
-            scored += 1
+    scored = task.score_turns(store)
     console.print(f"2/5 scored {scored} captured turns with the task's programmatic reward")
 
     # held-out measurement before

@@ -74,6 +74,31 @@ class ToolCallFormatTask:
         users = [m["content"] for m in messages if m.get("role") == "user"]
         return self._by_user.get(users[-1]) if users else None
 
+    def score_turns(self, store: Any, source: str = "rule:tool_call_format") -> int:
+        """Score every captured llm turn of this task in ``store``; returns how many got a score.
+
+        A turn whose answer was parsed into tool calls (an agent with tools bound) is scored on its first
+        call, written back as the JSON the task asks for.
+        """
+        from langchain_core.messages import messages_from_dict
+
+        from langchain_metaclaw.chat_model._convert import convert_messages
+
+        scored = 0
+        for turn in store.turns(kind="llm"):
+            if turn.output_message is None:
+                continue
+            out = turn.output_message["data"]
+            text = out.get("content") or ""
+            if out.get("tool_calls"):
+                call = out["tool_calls"][0]
+                text = json.dumps({"name": call["name"], "arguments": call["args"]})
+            reward = self.reward(convert_messages(messages_from_dict(turn.input_messages or [])), text)
+            if reward is not None:
+                store.add_score(turn.id, reward, source=source)
+                scored += 1
+        return scored
+
     def reward(self, messages: Sequence[dict[str, Any]], text: str) -> float | None:
         """``None`` for prompts that are not this task's (not applicable, never 0)."""
         prompt = self.lookup(messages)
