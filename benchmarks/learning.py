@@ -46,11 +46,16 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--group-prompts", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=2, help="sampled answers per held-out prompt")
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the groups")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most work per CPU-second)")
     args = parser.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     home = tempfile.mkdtemp(prefix="metaclaw-learning-")
     os.environ["METACLAW_HOME"] = home
     from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
@@ -76,7 +81,7 @@ def main() -> None:
 
     cfg = TrainerConfig(group_size=args.group_size, group_prompts=args.group_prompts, learning_rate=args.lr,
                         max_new_tokens=args.max_new_tokens, eval_prompts=8, max_steps=args.max_steps,
-                        temperature=1.0, threads=2, low_priority=False)
+                        temperature=args.temperature, threads=args.threads, low_priority=False)
     trainer = Trainer(store, cfg, reward_fn=task.reward)
     stop = threading.Event()
     timer = threading.Timer(args.minutes * 60, stop.set)

@@ -2,15 +2,17 @@
 
 A LangGraph agent (``langchain.agents.create_agent``) with four tools serves a stream of requests through
 ``MetaClawChatModel`` (SmolLM2-135M, local backend) with ``MetaClawCallbackHandler`` attached; the task's
-programmatic reward scores the captured turns; a *simulated* idle window opens (labelled as such: a demo
-cannot wait for you to leave the keyboard); the trainer trains, the candidate is evaluated on held-out
-captured prompts and hot-swapped in while the agent keeps serving; then the agent is measured again on
-prompts it never saw. Ends with held-out reward before vs after (95% intervals) and a PNG plot.
+programmatic reward scores the captured turns; the MadMax scheduler is fed a *simulated* idle keyboard
+(labelled as such: a demo cannot wait for you to leave) and opens a training window; the trainer trains,
+the candidate is evaluated on held-out captured prompts and hot-swapped in while the agent keeps serving;
+the simulated user comes back and MadMax closes the window; then the agent is measured again on prompts it
+never saw. Ends with held-out reward before vs after (95% intervals) and a PNG plot.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +77,16 @@ def _first_call_reward(task: ToolCallFormatTask, messages: list[Any], result: di
 
 
 def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: Any = None,
-             eval_samples: int = 0, max_steps: int = 200) -> DemoReport:
+             max_steps: int = 200, prompts: int | None = None) -> DemoReport:
+    """Run the demo; returns what it measured.
+
+    Args:
+        train_minutes: how long the simulated idle window stays open (training stops at the next step).
+        home: where the demo's store and plot go (default ``$METACLAW_HOME/demo``, recreated every run).
+        console: a ``rich`` console (default: stdout).
+        max_steps: training steps at most (the window usually closes first).
+        prompts: use only the first N training and held-out prompts (a quick smoke run).
+    """
     from langchain.agents import create_agent
     from rich.console import Console
     from rich.progress import Progress
@@ -83,6 +94,7 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
     from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
     from langchain_metaclaw.chat_model import MetaClawChatModel
     from langchain_metaclaw.config import metaclaw_home
+    from langchain_metaclaw.schedule import MadMaxScheduler, WindowPolicy, WindowSignals
     from langchain_metaclaw.status import collect_status, render_status
     from langchain_metaclaw.training.trainer import Trainer, TrainerConfig
 
@@ -94,6 +106,8 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
         stale.unlink()
     store = TraceStore(f"sqlite:///{db}")
     task = ToolCallFormatTask()
+    if prompts is not None:
+        task.train, task.held_out = task.train[:prompts], task.held_out[:prompts]
     report = DemoReport()
     console.rule("[bold]langchain-metaclaw demo[/bold]: SmolLM2-135M + SQLite + local LoRA trainer, offline")
     console.print(f"store: {db}")
@@ -146,13 +160,27 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
 
     report.before = measure("before")
 
-    # 3-4. a simulated idle window opens; train while the agent keeps serving
-    console.print("[yellow]3/5 [SIMULATED] MadMax: keyboard idle for 20 min -> training window opens[/yellow]")
-    cfg = TrainerConfig(group_size=8, group_prompts=4, learning_rate=2e-4, max_new_tokens=48, eval_prompts=8,
-                        max_steps=max_steps, temperature=1.0, low_priority=False)
-    trainer = Trainer(store, cfg, reward_fn=task.reward)
-    stop = threading.Event()
-    window = threading.Timer(train_minutes * 60, stop.set)
+    # 3-4. MadMax sees a (simulated) idle keyboard, opens a window and trains while the agent keeps serving;
+    # then the (simulated) user comes back and the window closes at the next step boundary.
+    idle = {"seconds": 0.0}
+    trainers: list[Trainer] = []
+    # One torch thread: the trainer gets one core and the agent, still serving, the other.
+    cfg = TrainerConfig(group_size=8, group_prompts=4, learning_rate=2e-4, max_new_tokens=32, eval_prompts=8,
+                        max_steps=max_steps, temperature=1.0, threads=1, low_priority=False)
+
+    def new_trainer() -> Trainer:
+        trainers.append(Trainer(store, cfg, reward_fn=task.reward))
+        return trainers[-1]
+
+    madmax = MadMaxScheduler(
+        store,
+        WindowPolicy(idle_minutes=10),
+        trainer_factory=new_trainer,
+        score_fn=task.score_turns,  # what the agent served since the last window gets scored first
+        signals=lambda now: WindowSignals(idle_seconds=idle["seconds"]),
+        check_interval=1.0,
+        session_cooldown=None,
+    )
     serving_done = threading.Event()
 
     def keep_serving() -> None:
@@ -165,24 +193,33 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
             except Exception:
                 report.failed_during_training += 1
             i += 1
-            serving_done.wait(2.0)
+            serving_done.wait(5.0)
 
     server = threading.Thread(target=keep_serving, daemon=True)
-    rewards: list[float] = []
+    madmax.start()
+    server.start()
+    idle["seconds"] = 20 * 60.0
+    console.print("[yellow]3/5 [SIMULATED] keyboard idle for 20 min: MadMax opens a training window[/yellow]")
+
+    def group_rewards() -> list[float]:
+        history = trainers[-1].history if trainers else []
+        return [m["group_reward:mean"] for m in history if "group_reward:mean" in m]
+
     with Progress(console=console) as progress:
         bar = progress.add_task("4/5 training (local LoRA, CPU)", total=None)
-
-        def on_step(step: int, total: int, m: dict) -> None:
-            rewards.append(m.get("group_reward:mean", 0.0))
-            progress.update(bar, description=f"4/5 training: step {step}, group reward {rewards[-1]:.2f}")
-
-        window.start()
-        server.start()
-        run = trainer.run(stop_event=stop, progress=on_step)
-        window.cancel()
-    console.print("[yellow]    [SIMULATED] window closes[/yellow]")
-    report.train_status = f"{run.status}: {run.reason}"
-    console.print(f"    train run {report.train_status} ({run.steps} steps)")
+        deadline = time.monotonic() + train_minutes * 60
+        while time.monotonic() < deadline and not (madmax.last_session and not madmax.last_session.running):
+            if rewards := group_rewards():
+                progress.update(bar, description=f"4/5 training: step {len(rewards)}, group reward {rewards[-1]:.2f}")
+            time.sleep(1.0)
+        idle["seconds"] = 0.0
+        console.print("[yellow]    [SIMULATED] the user is back: MadMax closes the window[/yellow]")
+        madmax.tick()  # the watchdog's check, now rather than within check_interval
+        session = madmax.stop()
+    rewards = group_rewards()
+    run = session.result if session is not None else None
+    report.train_status = f"{run.status}: {run.reason}" if run is not None else "no training session ran"
+    console.print(f"    train run {report.train_status} ({run.steps if run else 0} steps)")
     llm.refresh()
     serving_done.set()
     server.join(30)

@@ -1,10 +1,10 @@
 """Small built-in tasks with programmatic rewards, for the demo and the learning benchmark.
 
 ``ToolCallFormatTask``: the agent must answer a request with exactly one JSON tool call,
-``{"name": "<tool>", "arguments": {"<arg>": "<value>"}}`` and nothing else. Out of the box SmolLM2-135M
-copies the request's example (wrong tool, wrong value) and keeps talking after it. Train and held-out
-prompts use different cities, dishes and phrases, so the held-out reward measures the behaviour learned,
-not memorised answers.
+``{"name": "<tool>", "arguments": {"<arg>": "<value>"}}`` and nothing else, choosing the tool from the
+list in its system prompt (as an agent sees its tools). Out of the box SmolLM2-135M copies the request's
+example (wrong tool, wrong value) and keeps talking after it. Train and held-out prompts use different
+cities, dishes and phrases, so the held-out reward measures the behaviour learned, not memorised answers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 SYSTEM = "You are a tool-calling assistant."
 
-INSTRUCTION = ' Reply with the tool call as JSON, e.g. {"name": "get_time", "arguments": {"city": "Berlin"}}'
+EXAMPLE = {"name": "get_time", "arguments": {"city": "Berlin"}}
+INSTRUCTION = f" Reply with the tool call as JSON, e.g. {json.dumps(EXAMPLE)}"
 """Appended to every request: the example (Berlin, get_time) is in neither the train nor the held-out set."""
 
 TOOLS = {
@@ -27,6 +28,7 @@ TOOLS = {
     "find_recipe": ("dish", "Find me a recipe for {}."),
     "translate": ("text", "Translate '{}' into French."),
 }
+TOOL_LIST = "Tools: " + ", ".join(f"{name}({arg})" for name, (arg, _) in TOOLS.items()) + "."
 TRAIN_VALUES = {
     "city": ["Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Delhi", "Quito", "Rome"],
     "dish": ["pancakes", "risotto", "ramen", "tacos", "falafel", "paella"],
@@ -51,7 +53,7 @@ def _prompts(values: dict[str, list[str]]) -> list[TaskPrompt]:
     out = []
     for tool, (arg, template) in TOOLS.items():
         for value in values[arg]:
-            out.append(TaskPrompt([{"role": "system", "content": SYSTEM},
+            out.append(TaskPrompt([{"role": "system", "content": f"{SYSTEM} {TOOL_LIST}"},
                                    {"role": "user", "content": template.format(value) + INSTRUCTION}],
                                   tool, arg, value))
     return out
@@ -110,7 +112,11 @@ class ToolCallFormatTask:
 def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
     """Graded, so that a group of mostly-wrong answers still has a gradient, 0.25 for each of:
     the answer opens with a JSON call object (``{"name", "arguments"}``; a ``<tool_call>`` wrapper or a
-    json code fence is accepted), the tool is right, the argument value is right, nothing follows it."""
+    json code fence is accepted), the tool is right, the argument value is right, nothing follows it.
+
+    The request's example copied verbatim scores 0.25 (a JSON call, and nothing about it answers the
+    request): paying it 0.5 for "nothing follows" made RL collapse onto the copy (measured: every group
+    then sampled the example, and no gradient was left)."""
     candidate = text.strip()
     if candidate.startswith("<tool_call>"):
         candidate = candidate.removeprefix("<tool_call>").strip()
@@ -124,6 +130,8 @@ def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
         return 0.0
     if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("arguments"), dict):
         return 0.0
+    if data == EXAMPLE:
+        return 0.25
     reward = 0.25
     reward += 0.25 if data["name"] == tool else 0.0
     got = data["arguments"].get(argument)

@@ -109,10 +109,11 @@ _DROP_METADATA = frozenset(
     {"langgraph_node", "langgraph_step", "checkpoint_ns", "langgraph_checkpoint_ns", "thread_id",
      "langgraph_triggers", "langgraph_path"}
 )
+_SCALARS = (str, int, float)  # bool is an int
 
 
 def extra_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     """User metadata worth keeping (graph coordinates already have their own columns)."""
     if not metadata:
         return {}
-    return {k: v for k, v in metadata.items() if k not in _DROP_METADATA and isinstance(v, str | int | float | bool)}
+    return {k: v for k, v in metadata.items() if k not in _DROP_METADATA and isinstance(v, _SCALARS)}

@@ -42,7 +42,7 @@ Record = dict[str, Any]
 class _Run:
     kind: str
     started: float
-    root: UUID
+    root: str
     episode: str
     parent: UUID | None
     name: str | None = None
@@ -106,7 +106,7 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
         self.store = store if isinstance(store, TraceStore) else TraceStore(store)
         self._writer = SpoolingWriter(self.store, batch_size=batch_size, max_delay=max_delay, redact=redact)
         self._runs: dict[UUID, _Run] = {}
-        self._chains: dict[UUID, tuple[UUID, str, bool]] = {}
+        self._chains: dict[UUID, tuple[str, str, bool]] = {}
         self._seq = itertools.count(1)
         self._hook_errors = 0
         # Episode starts ride along with the episode's first finished turn (one spool write, not two).
@@ -139,7 +139,7 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
 
     # ---------------------------------------------------------------- run bookkeeping
 
-    def _locate(self, run_id: UUID, parent_run_id: UUID | None, metadata: dict | None) -> tuple[UUID, str, bool]:
+    def _locate(self, run_id: UUID, parent_run_id: UUID | None, metadata: dict | None) -> tuple[str, str, bool]:
         """(root run id, episode id, is_new_root) for a run that is starting."""
         if parent_run_id is not None:
             chain = self._chains.get(parent_run_id)
@@ -149,37 +149,37 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
             if parent is not None:
                 return parent.root, parent.episode, False
         # A root, or a child whose ancestors this handler never saw (handler attached to a model only).
-        root = run_id if parent_run_id is None else parent_run_id
+        root = str(run_id if parent_run_id is None else parent_run_id)
         thread_id = (metadata or {}).get("thread_id")
-        episode = str(thread_id) if thread_id is not None else str(root)
+        episode = str(thread_id) if thread_id is not None else root
         return root, episode, True
 
-    def _start_episode(self, run_id: UUID, root: UUID, episode: str, name: str | None, metadata: dict | None) -> None:
+    def _start_episode(self, root: str, episode: str, name: str | None, metadata: dict | None,
+                       extra: Record) -> None:
         thread_id = (metadata or {}).get("thread_id")
-        self._unwritten_starts[episode] = (
-            {
-                "type": "episode_start",
-                "id": episode,
-                "thread_id": None if thread_id is None else str(thread_id),
-                "root_run_id": str(root),
-                "graph_name": name,
-                "started_at": time.time(),
-                "metadata": extra_metadata(metadata),
-            }
-        )
+        self._unwritten_starts[episode] = {
+            "type": "episode_start",
+            "id": episode,
+            "thread_id": None if thread_id is None else str(thread_id),
+            "root_run_id": root,
+            "graph_name": name,
+            "started_at": time.time(),
+            "metadata": extra,
+        }
 
     @staticmethod
-    def _episode_end(episode: str, root: UUID, status: str, error: str | None = None) -> Record:
-        return {"type": "episode_end", "id": episode, "root_run_id": str(root), "ended_at": time.time(),
+    def _episode_end(episode: str, root: str, status: str, error: str | None = None) -> Record:
+        return {"type": "episode_end", "id": episode, "root_run_id": root, "ended_at": time.time(),
                 "status": status, "error": error}
 
     def _begin(self, kind: str, run_id: UUID, parent_run_id: UUID | None, name: str | None,
                metadata: dict | None, tags: list[str] | None) -> _Run:
         root, episode, new = self._locate(run_id, parent_run_id, metadata)
+        extra = extra_metadata(metadata)
         if new:
-            self._start_episode(run_id, root, episode, name, metadata)
+            self._start_episode(root, episode, name, metadata, extra)
         run = _Run(kind=kind, started=time.time(), root=root, episode=episode, parent=parent_run_id, name=name,
-                   graph=graph_fields(metadata), metadata=extra_metadata(metadata), tags=list(tags or []),
+                   graph=graph_fields(metadata), metadata=extra, tags=list(tags) if tags else [],
                    closes_episode=new)
         self._runs[run_id] = run
         return run
@@ -192,7 +192,7 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
             "id": str(run_id),
             "seq": next(self._seq),
             "parent_run_id": None if run.parent is None else str(run.parent),
-            "root_run_id": str(run.root),
+            "root_run_id": run.root,
             "episode_id": run.episode,
             "kind": run.kind,
             "name": run.name,
@@ -302,7 +302,8 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
                        **kwargs: Any) -> None:
         root, episode, new = self._locate(run_id, parent_run_id, metadata)
         if new:
-            self._start_episode(run_id, root, episode, kwargs.get("name") or _serialized_name(serialized), metadata)
+            name = kwargs.get("name") or _serialized_name(serialized)
+            self._start_episode(root, episode, name, metadata, extra_metadata(metadata))
         self._chains[run_id] = (root, episode, new)
 
     @_guard
@@ -327,10 +328,13 @@ def _serialized_name(serialized: dict[str, Any] | None) -> str | None:
     return ident[-1] if isinstance(ident, list) and ident else None
 
 
+_JSON_TYPES = (str, int, float, list, dict)  # bool is an int
+
+
 def _jsonable_params(params: dict[str, Any] | None) -> dict[str, Any] | None:
     if not params:
         return None
-    return {k: v for k, v in params.items() if isinstance(v, str | int | float | bool | type(None) | list | dict)}
+    return {k: v for k, v in params.items() if v is None or isinstance(v, _JSON_TYPES)}
 
 
 def _describe(error: BaseException) -> str:

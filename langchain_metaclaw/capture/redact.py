@@ -1,9 +1,10 @@
 """Secret redaction applied to every capture record before it touches disk.
 
-Runs once over the serialised JSON line (one regex pass, a few microseconds per KB) so that neither the
-spool nor the database ever holds an API key or a bearer token. Patterns never match ``"`` or ``\\``, so
-a redacted line is still valid JSON. A user hook (``redact=`` on the handler) sees each record as a dict
-first and can remove more.
+The writer runs :func:`redact_text` over every free-text field of a record (message contents, tool args
+and results, errors, metadata; containers as their JSON text, so ``"api_key": "..."`` inside a dict is
+caught), with a cache because a conversation resends its history on every call. Patterns never match
+``"`` or ``\\``, so redacted JSON text stays valid JSON. A user hook (``redact=`` on the handler) sees each
+record as a dict first and can remove more.
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ _MARKERS = (
 )
 
 
+_SHORTEST_MATCH = 11
+"""No pattern matches fewer characters (``secret=abcd``): shorter strings skip the scan."""
+
+
 def redact_text(text: str) -> str:
     """Replace anything that looks like a credential with ``[REDACTED]``."""
+    if len(text) < _SHORTEST_MATCH:
+        return text
     lowered = text.lower()
     if not any(marker in lowered for marker in _MARKERS):
         return text

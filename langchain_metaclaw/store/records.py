@@ -130,7 +130,8 @@ class TrainRun(_Record):
     id: str
     started_at: datetime
     ended_at: datetime | None = None
-    status: Literal["running", "ok", "skipped", "stopped", "error"]
+    status: Literal["running", "ok", "skipped", "stopped", "interrupted", "error"]
+    """``interrupted``: its process died mid-run and a later run resumed from its last checkpoint."""
     reason: str | None = None
     backend: str | None = None
     base_adapter: str | None = None

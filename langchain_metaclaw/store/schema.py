@@ -142,7 +142,7 @@ train_runs = Table(
     Column("id", String(64), primary_key=True),
     Column("started_at", UTCDateTime, nullable=False),
     Column("ended_at", UTCDateTime),
-    Column("status", String(16), nullable=False, doc="running | ok | skipped | stopped | error"),
+    Column("status", String(16), nullable=False, doc="running | ok | skipped | stopped | interrupted | error"),
     Column("reason", Text, doc="why it did nothing / stopped / failed"),
     Column("backend", String(32)),
     Column("base_adapter", String(128)),

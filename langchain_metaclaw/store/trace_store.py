@@ -489,7 +489,7 @@ class TraceStore:
             conn.execute(update(schema.adapters).where(schema.adapters.c.version == version).values(**fields))
 
     def start_train_run(self, *, backend: str | None = None, config: dict[str, Any] | None = None,
-                        base_adapter: str | None = None) -> TrainRun:
+                        base_adapter: str | None = None, metrics: dict[str, Any] | None = None) -> TrainRun:
         row = {
             "base_adapter": base_adapter,
             "id": str(uuid.uuid4()),
@@ -498,12 +498,18 @@ class TraceStore:
             "backend": backend,
             "steps": 0,
             "samples": [],
-            "metrics": {},
+            "metrics": metrics or {},
             "config": config or {},
         }
         with self.engine.begin() as conn:
             conn.execute(schema.train_runs.insert(), row)
         return TrainRun.model_validate(row)
+
+    def update_train_run(self, run_id: str, **fields: Any) -> None:
+        """Record a running train run's progress (steps, samples, metrics with its latest checkpoint), so that
+        a run whose process dies can be resumed from where it got to."""
+        with self.engine.begin() as conn:
+            conn.execute(update(schema.train_runs).where(schema.train_runs.c.id == run_id).values(**fields))
 
     def finish_train_run(self, run_id: str, *, status: str, reason: str | None = None, **fields: Any) -> None:
         values = {"status": status, "reason": reason, "ended_at": datetime.now(UTC), **fields}

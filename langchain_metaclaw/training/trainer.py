@@ -13,7 +13,9 @@ adapter on held-out recent prompts, with an automatic rollback when live reward 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import statistics
 import threading
 import time
@@ -143,11 +145,35 @@ class Trainer:
     def _trained_turns(self) -> set[str]:
         done: set[str] = set()
         for run in self.store.train_runs():
-            if run.status in ("ok", "stopped"):
+            if run.status in ("ok", "stopped", "interrupted"):
                 done.update(run.samples)
         return done
 
-    def _fresh_samples(self) -> tuple[list[Sample], dict[str, float]]:
+    def _close_dead_runs(self, run_id: str, current: Any) -> TrainRun | None:
+        """Close the runs whose process died mid-run; return the newest one this run resumes from.
+
+        A dead run is resumable when it checkpointed at least one step on the same backend from the same
+        serving adapter; its samples then count as trained (they are in the checkpoint). Any other dead run
+        is closed as ``error`` with the reason, and what it trained on is trained again.
+        """
+        resumed = None
+        for run in self.store.train_runs():  # newest first
+            if run.status != "running" or not _owner_is_dead(run.metrics.get("owner")):
+                continue
+            died = f"its process {run.metrics['owner']['pid']} died after step {run.steps}"
+            same_line = run.backend == self.config.backend and run.base_adapter == (
+                current.version if current else None
+            )
+            if resumed is None and same_line and run.steps > 0 and run.metrics.get("checkpoint"):
+                resumed = run
+                reason = f"{died}; run {run_id[:8]} resumed from its checkpoint"
+                self.store.finish_train_run(run.id, status="interrupted", reason=reason)
+            else:
+                why = "a newer run was resumed" if resumed else "no checkpoint from the serving adapter"
+                self.store.finish_train_run(run.id, status="error", reason=f"{died}; not resumed ({why})")
+        return resumed
+
+    def _fresh_samples(self) -> tuple[list[Sample], dict[str, Any]]:
         cfg = self.config
         samples = collect_samples(self.store)
         trained = self._trained_turns()
@@ -306,7 +332,10 @@ class Trainer:
         stop_event = stop_event or threading.Event()
         current = self.registry.current()
         run = self.store.start_train_run(
-            backend=cfg.backend, config=cfg.model_dump(), base_adapter=current.version if current else None
+            backend=cfg.backend,
+            config=cfg.model_dump(),
+            base_adapter=current.version if current else None,
+            metrics={"owner": _owner()},
         )
         try:
             return self._run(run.id, current, max_steps, stop_event, progress)
@@ -327,7 +356,9 @@ class Trainer:
         rolled = self.check_live_reward()
         if rolled:
             current = self.registry.current()
+        resumed = self._close_dead_runs(run_id, current)
         samples, meta = self._fresh_samples()
+        meta["owner"] = _owner()
         onpolicy = cfg.group_size > 1 and self.reward_fn is not None
         if not samples and not onpolicy:
             reason = (
@@ -369,15 +400,21 @@ class Trainer:
             return self._get_run(run_id)
 
         backend = self.backend
-        if current is not None and current.metrics.get("state_path"):
+        if resumed is not None:
+            backend.load_state(resumed.metrics["checkpoint"])
+            meta["resumed_from"] = resumed.id
+        elif current is not None and current.metrics.get("state_path"):
             backend.load_state(current.metrics["state_path"])
         step_adapter = current.version if current else None
         engine = self._engine() if onpolicy else None
-        if engine is not None and current is not None and current.version not in engine.adapters:
+        if engine is not None and resumed is not None:  # sample from the weights the dead run got to
+            step_adapter = f"{run_id[:8]}-s0"
+            engine.load_adapter(step_adapter, backend.save_weights_for_sampler(step_adapter).path_or_uri)
+        elif engine is not None and current is not None and current.version not in engine.adapters:
             engine.load_adapter(current.version, current.uri)
         trained: list[str] = []
         steps = 0
-        metrics: dict[str, float] = dict(meta)
+        metrics: dict[str, Any] = dict(meta)
         stopped = None
         for step in range(max_steps):
             if stop_event.is_set():
@@ -411,7 +448,8 @@ class Trainer:
             if progress:
                 progress(step + 1, max_steps, step_metrics)
             checkpoint = backend.save_state(f"{run_id[:8]}-ckpt")
-            metrics["checkpoint"] = checkpoint  # type: ignore[assignment]
+            metrics["checkpoint"] = checkpoint
+            self.store.update_train_run(run_id, steps=steps, samples=trained, metrics=metrics)
         metrics["steps"] = float(steps)
         if steps == 0:
             status = "stopped" if stopped else "skipped"
@@ -467,3 +505,20 @@ class Trainer:
             return {"reason": f"promoted: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
         self.store.update_adapter(candidate, status="rejected")
         return {"reason": f"rejected: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _owner_is_dead(owner: dict[str, Any] | None) -> bool:
+    """True when a running train run's process is known to be gone (same host, no such pid)."""
+    if not owner or owner.get("host") != socket.gethostname() or owner.get("pid") == os.getpid():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, KeyError):
+        return False
+    return False

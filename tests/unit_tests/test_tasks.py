@@ -13,7 +13,11 @@ from langchain_metaclaw.tasks import ToolCallFormatTask, score_tool_call
 
 def test_graded_reward():
     assert score_tool_call('{"name": "get_time", "arguments": {"city": "Oslo"}}', "get_time", "city", "Oslo") == 1.0
-    assert score_tool_call('{"name": "get_time", "arguments": {"city": "Berlin"}} ok', "get_time", "city", "Oslo") == 0.5
+    assert score_tool_call('{"name": "get_time", "arguments": {"city": "Oslo"}} ok', "get_time", "city", "Oslo") == 0.75
+    assert score_tool_call('{"name": "get_weather", "arguments": {"city": "Lima"}}', "get_time", "city", "Oslo") == 0.5
+    # the request's example, copied: a JSON call and nothing else, whatever follows it
+    for copy in ('{"name": "get_time", "arguments": {"city": "Berlin"}}', '{"name": "get_time", "arguments": {"city": "Berlin"}} ok'):
+        assert score_tool_call(copy, "get_time", "city", "Oslo") == 0.25
     assert score_tool_call("<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>", "get_time", "city", "Oslo") == 0.5
     assert score_tool_call("It is noon in Oslo.", "get_time", "city", "Oslo") == 0.0
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, HumanMessage
-from langchain_core.tools import tool
+from langchain_core.tools import ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from pydantic import BaseModel
@@ -280,6 +280,53 @@ def test_secrets_are_redacted_everywhere(store, tmp_path):
     assert secret not in stored and "hunter2hunter2" not in stored and "alice@example.com" not in stored
     assert turn.input_messages[0]["data"]["content"] == "my key is [REDACTED], mail [EMAIL]"
     assert "api_key=[REDACTED]" in turn.output_message["data"]["content"]
+
+
+def test_secrets_never_reach_the_spool_or_the_store_from_any_field(store, monkeypatch):
+    """Redaction covers every free-text field (tool args and results, errors, metadata, thread ids, the
+    history resent on the next call), and runs before the spool write: no secret ever touches disk."""
+    from langchain_metaclaw.store.spool import Spool
+
+    key = "sk-" + "Zx9Yw8Vu7" * 4
+    jwt = "eyJ" + "a" * 12 + ".eyJ" + "b" * 12 + "." + "c" * 12
+    spooled: list[bytes] = []
+    append = Spool.append
+    monkeypatch.setattr(Spool, "append", lambda self, line: (spooled.append(line), append(self, line))[1])
+
+    @tool
+    def login(token: str) -> str:
+        """Log in."""
+        return f"logged in with {token}, session {jwt}"
+
+    @tool
+    def leak(query: str) -> str:
+        """Fails loudly."""
+        raise ToolException(f"connection refused with password={key}")
+
+    leak.handle_tool_error = True
+
+    script = [
+        AIMessage("", tool_calls=[tool_call("login", {"token": key}, "c1"), tool_call("leak", {"query": key}, "c2")]),
+        AIMessage(f"done, your key {key} works"),
+    ]
+    agent = create_agent(ScriptedChatModel(script=script), [login, leak], checkpointer=InMemorySaver())
+    handler = MetaClawCallbackHandler(store)
+    config = {"callbacks": [handler], "configurable": {"thread_id": f"session-{jwt}"},
+              "metadata": {"api_key": key, "user": "alice"}}
+    agent.invoke({"messages": [HumanMessage(f"log me in with {key}")]}, config=config)
+    handler.close()
+
+    assert spooled and not any(key.encode() in line or jwt.encode() in line for line in spooled)
+    stored = repr([t.model_dump() for t in store.turns()]) + repr([e.model_dump() for e in store.episodes()])
+    assert key not in stored and jwt not in stored
+    tools = {t.tool_name: t for t in store.turns(kind="tool")}
+    assert tools["login"].tool_args == {"token": "[REDACTED]"}
+    assert tools["login"].tool_result == "logged in with [REDACTED], session [REDACTED]"
+    assert "password=[REDACTED]" in tools["leak"].error
+    second = store.turns(kind="llm")[1]  # the history resent on the second call is redacted too
+    assert [m["data"]["content"] for m in second.input_messages][:1] == ["log me in with [REDACTED]"]
+    assert second.metadata["api_key"] == "[REDACTED]" and second.metadata["user"] == "alice"
+    assert store.episodes()[0].thread_id == "session-[REDACTED]"
 
 
 def test_a_broken_redact_hook_never_breaks_the_agent(store):
