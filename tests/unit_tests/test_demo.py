@@ -26,9 +26,10 @@ def test_demo_serves_scores_trains_in_a_madmax_window_and_swaps_while_serving(tm
     assert events.index("opened") < events.index("run_started") < events.index("run_ended")
     assert "closed" in events[events.index("opened"):]
     (run,) = store.train_runs()
-    assert run.status in ("ok", "stopped") and run.steps == 1, run.reason
-    assert report.train_status.startswith(run.status)
-    assert run.candidate_adapter is not None
+    assert report.train_status == f"{run.status}: {run.reason}"
+    # one step of 2 groups: whether it had signal depends on the samples; either way it is recorded
+    assert (run.status, run.steps) in {("ok", 1), ("stopped", 1), ("skipped", 0)}, run.reason
+    assert (run.candidate_adapter is not None) == (run.steps == 1)
     assert report.failed_during_training == 0
     assert set(report.before) == set(report.after) == {"greedy"}
     assert report.plot is not None and report.plot.stat().st_size > 0
