@@ -8,7 +8,7 @@ Runs the path a user runs, with nothing special-cased:
   4. serve     the promoted adapter reaches the chat model through the registry (hot-swap)
   5. measure   held-out prompts (other cities, dishes, phrases than the training ones), greedy and sampled
 
-    python benchmarks/learning.py [--minutes 12] [--group-size 8] [--group-prompts 4] [--lr 2e-4]
+    python benchmarks/learning.py [--minutes 14] [--temperature 1.0] [--kl-coef 0] [--lr 2e-4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the groups")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most work per CPU-second)")
+    parser.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty against the base model (0: off)")
     args = parser.parse_args()
 
     import torch
@@ -81,7 +82,8 @@ def main() -> None:
 
     cfg = TrainerConfig(group_size=args.group_size, group_prompts=args.group_prompts, learning_rate=args.lr,
                         max_new_tokens=args.max_new_tokens, eval_prompts=8, max_steps=args.max_steps,
-                        temperature=args.temperature, threads=args.threads, low_priority=False)
+                        temperature=args.temperature, threads=args.threads, kl_coef=args.kl_coef,
+                        low_priority=False)
     trainer = Trainer(store, cfg, reward_fn=task.reward)
     stop = threading.Event()
     timer = threading.Timer(args.minutes * 60, stop.set)
