@@ -8,7 +8,7 @@ Runs the path a user runs, with nothing special-cased:
   4. serve     the promoted adapter reaches the chat model through the registry (hot-swap)
   5. measure   held-out prompts (other cities, dishes, phrases than the training ones), greedy and sampled
 
-    python benchmarks/learning.py [--minutes 14] [--temperature 1.0] [--kl-coef 0] [--lr 2e-4] [--threads 1]
+    python benchmarks/learning.py [--minutes 14] [--temperature 1.0] [--kl-coef 0] [--normalize] [--lr 2e-4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,15 +29,19 @@ def _lc(messages):
 def evaluate(llm, task, prompts, *, samples: int) -> dict[str, tuple[float, float, float]]:
     from langchain_metaclaw.tasks import mean_ci95
 
-    greedy, sampled = [], []
+    greedy, sampled, answers = [], [], []
     versions = set()
     for p in prompts:
         msg = llm.invoke(_lc(p.messages), temperature=0.0)
         versions.add(msg.response_metadata["adapter_version"])
         greedy.append(task.reward(p.messages, msg.content))
+        answers.append(msg.content.strip())
         for _ in range(samples):
             sampled.append(task.reward(p.messages, llm.invoke(_lc(p.messages), temperature=1.0).content))
-    return {"greedy": mean_ci95(greedy), "sampled": mean_ci95(sampled), "versions": sorted(map(str, versions))}
+    # a collapsed policy gives every request the same answer: count them, and the requests whose value it copied
+    copied = sum(p.value.lower() in a.lower() for p, a in zip(prompts, answers, strict=True))
+    return {"greedy": mean_ci95(greedy), "sampled": mean_ci95(sampled), "versions": sorted(map(str, versions)),
+            "distinct": len(set(answers)), "copied": copied, "answers": answers}
 
 
 def main() -> None:
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the groups")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most work per CPU-second)")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty against the base model (0: off)")
+    parser.add_argument("--normalize", action="store_true", help="std-normalised group advantages")
     args = parser.parse_args()
 
     import torch
@@ -83,6 +88,7 @@ def main() -> None:
     cfg = TrainerConfig(group_size=args.group_size, group_prompts=args.group_prompts, learning_rate=args.lr,
                         max_new_tokens=args.max_new_tokens, eval_prompts=8, max_steps=args.max_steps,
                         temperature=args.temperature, threads=args.threads, kl_coef=args.kl_coef,
+                        normalize_group_advantages=args.normalize,
                         low_priority=False)
     trainer = Trainer(store, cfg, reward_fn=task.reward)
     stop = threading.Event()
@@ -93,7 +99,8 @@ def main() -> None:
     def progress(step, total, m):
         print(f"  step {step:3d}  group reward {m.get('group_reward:mean', 0):.2f}  constant groups "
               f"{int(m.get('constant_groups', 0))}/{int(m.get('groups', 0))}  loss {m.get('loss:sum', 0):8.3f}  "
-              f"entropy {m.get('entropy:mean', 0):.3f}  {m['seconds']:.1f}s", flush=True)
+              f"entropy {m.get('entropy:mean', 0):.3f}  kl(base) {m.get('kl_ref:mean', 0):.3f}  {m['seconds']:.1f}s",
+              flush=True)
 
     run = trainer.run(stop_event=stop, progress=progress)
     timer.cancel()
@@ -109,6 +116,9 @@ def main() -> None:
         b, a = before[mode], after[mode]
         print(f"{mode:<8} reward before {b[0]:.2f} [{b[1]:.2f}, {b[2]:.2f}] -> after {a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}]"
               f"   delta {a[0] - b[0]:+.2f}")
+    for when, result in (("before", before), ("after", after)):
+        print(f"{when}: {result['distinct']} distinct greedy answers for {len(task.held_out)} requests, "
+              f"{result['copied']} name the request's own city/dish/phrase; e.g. {result['answers'][0]!r}")
     print(f"steps {run.steps}, trained tokens {int(tokens)}, training {train_cpu:.1f} CPU-min / {train_wall:.1f} wall-min, "
           f"whole benchmark {(time.process_time() - cpu0) / 60:.1f} CPU-min / {(time.monotonic() - wall0) / 60:.1f} wall-min")
     delta = after["greedy"][0] - before["greedy"][0]

@@ -20,7 +20,7 @@ SYSTEM = "You are a tool-calling assistant."
 
 EXAMPLE = {"name": "get_time", "arguments": {"city": "Berlin"}}
 INSTRUCTION = f" Reply with the tool call as JSON, e.g. {json.dumps(EXAMPLE)}"
-"""Appended to every request: the example (Berlin, get_time) is in neither the train nor the held-out set."""
+"""Appended to every request: the example's city (Berlin) is in neither the train nor the held-out set."""
 
 TOOLS = {
     "get_weather": ("city", "What's the weather like in {}?"),
@@ -112,11 +112,14 @@ class ToolCallFormatTask:
 def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
     """Graded, so that a group of mostly-wrong answers still has a gradient, 0.25 for each of:
     the answer opens with a JSON call object (``{"name", "arguments"}``; a ``<tool_call>`` wrapper or a
-    json code fence is accepted), the tool is right, the argument value is right, nothing follows it.
+    json code fence is accepted), the tool is right, the argument value is right, and nothing follows it,
+    that last one only for a call that answers this request (right tool or right value).
 
-    The request's example copied verbatim scores 0.25 (a JSON call, and nothing about it answers the
-    request): paying it 0.5 for "nothing follows" made RL collapse onto the copy (measured: every group
-    then sampled the example, and no gradient was left)."""
+    Why the condition: RL found two ways to be paid without reading the request. One answer for every
+    request (``get_weather`` / ``Berlin``) collected "a call and nothing after it" everywhere, and, when
+    the request's example copied verbatim was paid less, near-copies (``"Berl"``, ``"AMEX"``) were found
+    within 20 steps (measured). A call that answers no part of the request now earns 0.25 at most.
+    """
     candidate = text.strip()
     if candidate.startswith("<tool_call>"):
         candidate = candidate.removeprefix("<tool_call>").strip()
@@ -130,13 +133,12 @@ def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
         return 0.0
     if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("arguments"), dict):
         return 0.0
-    if data == EXAMPLE:
-        return 0.25
-    reward = 0.25
-    reward += 0.25 if data["name"] == tool else 0.0
     got = data["arguments"].get(argument)
-    reward += 0.25 if isinstance(got, str) and got.strip().lower() == value.lower() else 0.0
-    reward += 0.25 if not candidate[end:].strip() else 0.0
+    right_tool = data["name"] == tool
+    right_value = isinstance(got, str) and got.strip().lower() == value.lower()
+    reward = 0.25 + 0.25 * right_tool + 0.25 * right_value
+    if (right_tool or right_value) and not candidate[end:].strip():
+        reward += 0.25
     return reward
 
 

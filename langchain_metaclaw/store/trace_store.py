@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -98,6 +99,34 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+class _OneThreadStaticPool(StaticPool):
+    """``StaticPool`` that hands its one connection to one thread at a time.
+
+    An in-memory SQLite database lives in a single connection, which ``StaticPool`` gives to every thread
+    at once: one thread returning it (a rollback) undoes another thread's open transaction (seen: a scheduler
+    event written by the watchdog thread vanished when a reader closed its connection). Here a second thread
+    waits for the connection instead. A thread nesting connections keeps going (it already holds it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turn = threading.Lock()
+        self._holder: int | None = None
+
+    def _do_get(self):
+        me = threading.get_ident()
+        if self._holder != me:
+            self._turn.acquire()
+            self._holder = me
+        return super()._do_get()
+
+    def _do_return_conn(self, record) -> None:
+        super()._do_return_conn(record)
+        if self._holder is not None:  # any thread may return it (garbage collection), so a plain Lock
+            self._holder = None
+            self._turn.release()
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -149,7 +178,7 @@ class TraceStore:
             return create_engine(url, pool_pre_ping=True, **json_kwargs)
         kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}, **json_kwargs}
         if parsed.database in (None, "", ":memory:"):
-            kwargs["poolclass"] = StaticPool
+            kwargs["poolclass"] = _OneThreadStaticPool
         else:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, **kwargs)

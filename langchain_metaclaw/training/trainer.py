@@ -6,7 +6,7 @@ and records in ``train_runs`` what it trained on, its metrics, and, when it did 
 
 Guards against what collapses small-model RL (DESIGN "Learning on this machine"): constant groups are
 skipped and counted, entropy and KL(sampler || trainer) are reported per step, an optional KL penalty
-against the base model (``kl_coef``), and promotion only when the candidate is not worse than the serving
+against the base model (``kl_coef``; with it, constant groups are trained on the KL term alone), and promotion only when the candidate is not worse than the serving
 adapter on held-out recent prompts, with an automatic rollback when live reward drops after promotion.
 """
 
@@ -53,7 +53,9 @@ class TrainerConfig(BaseModel):
     learning_rate: float = 2e-4
     loss_fn: Literal["importance_sampling", "cross_entropy", "ppo"] = "importance_sampling"
     kl_coef: float = 0.0
-    """KL penalty against the base model (0: off)."""
+    """KL penalty against the base model (0: off). When on, constant groups are trained too (advantage 0):
+    their only gradient is the KL term, which is what lifts a collapsed policy (every group alike) back
+    toward the base's diversity instead of leaving it with no gradient at all."""
     rank: int = 16
     alpha: int = 32
     token_budget: int = 1024
@@ -248,7 +250,10 @@ class Trainer:
             advantages = group_advantages([w for _, w in pairs], normalize=cfg.normalize_group_advantages)
             if advantages is None:
                 constant += 1
-                continue
+                if not cfg.kl_coef:
+                    continue
+                # no reward signal, but the KL term still pulls a collapsed policy back toward the base
+                advantages = [0.0] * len(pairs)
             for (result, _), adv in zip(pairs, advantages, strict=True):
                 data.append(
                     datum_from_tokens(

@@ -12,14 +12,19 @@ from langchain_metaclaw.tasks import ToolCallFormatTask, score_tool_call
 
 
 def test_graded_reward():
-    assert score_tool_call('{"name": "get_time", "arguments": {"city": "Oslo"}}', "get_time", "city", "Oslo") == 1.0
-    assert score_tool_call('{"name": "get_time", "arguments": {"city": "Oslo"}} ok', "get_time", "city", "Oslo") == 0.75
-    assert score_tool_call('{"name": "get_weather", "arguments": {"city": "Lima"}}', "get_time", "city", "Oslo") == 0.5
-    # the request's example, copied: a JSON call and nothing else, whatever follows it
-    for copy in ('{"name": "get_time", "arguments": {"city": "Berlin"}}', '{"name": "get_time", "arguments": {"city": "Berlin"}} ok'):
-        assert score_tool_call(copy, "get_time", "city", "Oslo") == 0.25
-    assert score_tool_call("<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>", "get_time", "city", "Oslo") == 0.5
-    assert score_tool_call("It is noon in Oslo.", "get_time", "city", "Oslo") == 0.0
+    def score(text):
+        return score_tool_call(text, "get_time", "city", "Oslo")
+
+    assert score('{"name": "get_time", "arguments": {"city": "Oslo"}}') == 1.0
+    assert score('{"name": "get_time", "arguments": {"city": "Oslo"}} ok') == 0.75
+    assert score('```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```') == 0.75
+    # the request's example copied: the right tool here, so it is paid for the tool, not for the city
+    assert score('{"name": "get_time", "arguments": {"city": "Berlin"}}') == 0.75
+    # a call that answers nothing of the request is a call, and no more, however cleanly it ends
+    assert score('{"name": "get_weather", "arguments": {"city": "Lima"}}') == 0.25
+    assert score('{"name": "get_stock", "arguments": {"city": "Berl"}} ok') == 0.25
+    assert score("<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>") == 0.25
+    assert score("It is noon in Oslo.") == 0.0
 
 
 def test_score_turns_scores_text_and_parsed_tool_calls():

@@ -261,3 +261,34 @@ def test_requests_per_minute(store):
     store.write_records([_episode(t=t)] + [_turn(f"r{i}", t=t - i, seq=i, created_at=t - i) for i in range(6)]
                         + [_turn("old", t=t - 3600, seq=99, created_at=t - 3600)])
     assert store.requests_per_minute(window_s=60) == 6.0
+
+
+def test_in_memory_store_keeps_a_transaction_another_thread_has_open():
+    """One connection serves every thread of an in-memory store: a reader closing it must not roll back a
+    writer's open transaction (it did: a scheduler event written by the watchdog thread vanished)."""
+    import threading
+
+    from langchain_metaclaw.schedule.events import recent_events, record_event
+
+    store = TraceStore("sqlite://")
+    inserted, read_done = threading.Event(), threading.Event()
+
+    def writer():
+        with store.engine.begin() as conn:
+            conn.execute(schema.schedule_events.insert().values(
+                at=datetime.now(UTC), event="closed", reasons=[], details={}))
+            inserted.set()
+            read_done.wait(0.5)  # without the lock the reader finishes here, inside this transaction
+
+    def reader():
+        inserted.wait(5)
+        recent_events(store)
+        read_done.set()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    record_event(store, "scheduler_stopped")
+    assert [e.event for e in recent_events(store)] == ["scheduler_stopped", "closed"]

@@ -74,3 +74,20 @@ def test_nothing_to_train_is_recorded_with_the_reason(tmp_path):
     store = TraceStore(f"sqlite:///{tmp_path / 'empty.db'}")
     run = Trainer(store, TrainerConfig()).run()
     assert (run.status, run.reason) == ("skipped", "no scored turns yet")
+
+
+def test_with_a_kl_penalty_constant_groups_still_train_on_the_kl_term(captured_store):
+    """A collapsed policy (every group scored alike) has no reward gradient; the KL term must still act."""
+    cfg = TrainerConfig(group_size=2, group_prompts=1, max_new_tokens=4, max_steps=1, eval_prompts=2, threads=2,
+                        low_priority=False)
+
+    def flat(prompt, text: str) -> float:
+        return 0.5
+
+    without = Trainer(captured_store, cfg, reward_fn=flat).run()
+    assert (without.status, without.steps) == ("skipped", 0)
+    assert without.reason == "no step had any signal (every group scored alike)"
+    with_kl = Trainer(captured_store, cfg.model_copy(update={"kl_coef": 0.1}), reward_fn=flat).run()
+    assert with_kl.status == "ok" and with_kl.steps == 1, with_kl.reason
+    assert with_kl.metrics["last_constant_groups"] == 1 and with_kl.metrics["last_data"] == 2
+    assert "last_kl_ref:mean" in with_kl.metrics
