@@ -8,7 +8,7 @@ Runs the path a user runs, with nothing special-cased:
   4. serve     the promoted adapter reaches the chat model through the registry (hot-swap)
   5. measure   held-out prompts (other cities, dishes, phrases than the training ones), greedy and sampled
 
-    python benchmarks/learning.py [--minutes 14] [--temperature 1.0] [--kl-coef 0] [--normalize] [--lr 2e-4] [--threads 1]
+    python benchmarks/learning.py [--minutes 14] [--temperature 1.0] [--kl-coef 0] [--normalize] [--explore-temperature 0] [--lr 2e-4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most work per CPU-second)")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty against the base model (0: off)")
     parser.add_argument("--normalize", action="store_true", help="std-normalised group advantages")
+    parser.add_argument("--explore-temperature", type=float, default=0.0,
+                        help="resample constant groups at this temperature (0: off)")
     args = parser.parse_args()
 
     import torch
@@ -88,7 +90,7 @@ def main() -> None:
     cfg = TrainerConfig(group_size=args.group_size, group_prompts=args.group_prompts, learning_rate=args.lr,
                         max_new_tokens=args.max_new_tokens, eval_prompts=8, max_steps=args.max_steps,
                         temperature=args.temperature, threads=args.threads, kl_coef=args.kl_coef,
-                        normalize_group_advantages=args.normalize,
+                        normalize_group_advantages=args.normalize, explore_temperature=args.explore_temperature,
                         low_priority=False)
     trainer = Trainer(store, cfg, reward_fn=task.reward)
     stop = threading.Event()
@@ -98,7 +100,7 @@ def main() -> None:
 
     def progress(step, total, m):
         print(f"  step {step:3d}  group reward {m.get('group_reward:mean', 0):.2f}  constant groups "
-              f"{int(m.get('constant_groups', 0))}/{int(m.get('groups', 0))}  loss {m.get('loss:sum', 0):8.3f}  "
+              f"{int(m.get('constant_groups', 0))}/{int(m.get('groups', 0))} (resampled {int(m.get('explored_groups', 0))})  loss {m.get('loss:sum', 0):8.3f}  "
               f"entropy {m.get('entropy:mean', 0):.3f}  kl(base) {m.get('kl_ref:mean', 0):.3f}  {m['seconds']:.1f}s",
               flush=True)
 

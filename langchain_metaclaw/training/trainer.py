@@ -6,7 +6,8 @@ and records in ``train_runs`` what it trained on, its metrics, and, when it did 
 
 Guards against what collapses small-model RL (DESIGN "Learning on this machine"): constant groups are
 skipped and counted, entropy and KL(sampler || trainer) are reported per step, an optional KL penalty
-against the base model (``kl_coef``; with it, constant groups are trained on the KL term alone), and promotion only when the candidate is not worse than the serving
+against the base model (``kl_coef``; with it, constant groups are trained on the KL term alone), constant
+groups resampled at a higher temperature (``explore_temperature``), and promotion only when the candidate is not worse than the serving
 adapter on held-out recent prompts, with an automatic rollback when live reward drops after promotion.
 """
 
@@ -71,6 +72,10 @@ class TrainerConfig(BaseModel):
     group_prompts: int = 4
     """Captured prompts per on-policy step."""
     temperature: float = 1.0
+    explore_temperature: float = 0.0
+    """When a group comes back constant (no signal), sample it once more at this temperature (0: off), so a
+    collapsed policy still meets the answers it stopped giving. The behaviour logprobs are those of the
+    tempered distribution, so the importance ratio keeps the update on the trainer's own policy."""
     max_new_tokens: int = 48
     normalize_group_advantages: bool = False
     eval_prompts: int = 16
@@ -230,24 +235,17 @@ class Trainer:
     ) -> tuple[list[Datum], dict[str, float]]:
         """G completions per prompt from the current weights, scored by ``reward_fn``, group advantages."""
         cfg = self.config
-        engine = self._engine()
         data: list[Datum] = []
         rewards_all: list[float] = []
-        constant = 0
+        constant = explored = 0
         for prompt in prompts:
-            # one batched decode per group: the prompt is prefilled once, the G rows decode together
-            results = engine.sample_group(
-                prompt,
-                n=cfg.group_size,
-                adapter=adapter,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=self._rng.randrange(2**31),
-            )
-            rewards = [self.reward_fn(prompt, r.text) for r in results]
-            pairs = [(r, float(w)) for r, w in zip(results, rewards, strict=True) if w is not None]
-            rewards_all.extend(w for _, w in pairs)
+            pairs = self._scored_group(prompt, adapter, cfg.temperature)
             advantages = group_advantages([w for _, w in pairs], normalize=cfg.normalize_group_advantages)
+            if advantages is None and cfg.explore_temperature:
+                explored += 1
+                pairs = self._scored_group(prompt, adapter, cfg.explore_temperature)
+                advantages = group_advantages([w for _, w in pairs], normalize=cfg.normalize_group_advantages)
+            rewards_all.extend(w for _, w in pairs)
             if advantages is None:
                 constant += 1
                 if not cfg.kl_coef:
@@ -263,9 +261,26 @@ class Trainer:
         metrics = {
             "groups": float(len(prompts)),
             "constant_groups": float(constant),
+            "explored_groups": float(explored),
             "group_reward:mean": statistics.fmean(rewards_all) if rewards_all else 0.0,
         }
         return data, metrics
+
+    def _scored_group(
+        self, prompt: list[dict[str, Any]], adapter: str | None, temperature: float
+    ) -> list[tuple[Any, float]]:
+        """``group_size`` completions of ``prompt`` with their rewards (completions without one dropped)."""
+        # one batched decode per group: the prompt is prefilled once, the G rows decode together
+        results = self._engine().sample_group(
+            prompt,
+            n=self.config.group_size,
+            adapter=adapter,
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=temperature,
+            seed=self._rng.randrange(2**31),
+        )
+        rewards = [self.reward_fn(prompt, r.text) for r in results]
+        return [(r, float(w)) for r, w in zip(results, rewards, strict=True) if w is not None]
 
     def train_step(self, data: Sequence[Datum]) -> dict[str, float]:
         cfg = self.config

@@ -10,6 +10,12 @@ remove the rest but needs a block-diagonal attention mask: on CPU, SDPA has no v
 a packed row costs attention over the whole row and materialises an ``L x L`` mask; bucketing is cheaper
 here, and a datum longer than the budget simply runs alone.
 
+Shared prompts. Data that start with the same unweighted prompt (an on-policy group: G completions of one
+prompt) run that prompt once: its forward pass yields the keys and values every completion of the group
+attends to, the completions run as one micro-batch on top of them, and the backward pass sums their
+gradients into the prompt's single graph. Same gradients as running each datum whole (tested), and a group
+of 8 completions of a 100-token prompt trains ~3x fewer tokens.
+
 Precision: float32 by default (bf16 on a CPU without AMX is ~25x slower). The base model's weights are
 shared with the process-wide cached copy (``models.embedded.copy_sharing_weights``), so a serving model in
 the same process costs no extra weight memory; only the LoRA parameters and the optimizer state are ours.
@@ -24,7 +30,9 @@ place, so a run killed mid-save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import inspect
 import json
 import logging
 import os
@@ -105,6 +113,42 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     if current:
         batches.append(current)
     return batches
+
+
+_MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_groups(data: Sequence[Datum]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """``([(prefix length, indices)], alone)``: data that begin with the same unweighted prompt, grouped.
+
+    A datum's prompt is every position before its first weighted one (weight 0 there: no loss, so only its
+    keys and values matter). Two or more data with the same prompt of at least ``_MIN_SHARED_PREFIX``
+    tokens form a group; every other datum is ``alone``.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    alone: list[int] = []
+    for i, datum in enumerate(data):
+        weights = datum.weights()
+        first = next((t for t, w in enumerate(weights) if w > 0), len(weights))
+        if _MIN_SHARED_PREFIX <= first < datum.length:
+            by_prompt.setdefault(tuple(int(t) for t in datum.model_input[:first]), []).append(i)
+        else:
+            alone.append(i)
+    groups = []
+    for prompt, members in by_prompt.items():
+        if len(members) > 1:
+            groups.append((len(prompt), members))
+        else:
+            alone.extend(members)
+    return groups, sorted(alone)
+
+
+def _remainder(datum: Datum, prefix: int) -> Datum:
+    """``datum`` without its first ``prefix`` positions (their keys and values come from the shared pass)."""
+    return Datum(
+        model_input=list(datum.model_input[prefix:]),
+        loss_fn_inputs={k: list(v[prefix:]) for k, v in datum.loss_fn_inputs.items()},
+    )
 
 
 def _check_name(name: str) -> None:
@@ -225,6 +269,7 @@ class LocalTrainingBackend:
             the LoRA configuration.
         target_modules (`Sequence[str]`): module names to adapt (all attention and MLP projections).
         token_budget (`int`, defaults to 1024): padded tokens per micro-batch; bounds peak memory.
+        share_prefixes (`bool`, defaults to `True`): run a prompt shared by several data once (see above).
         threads (`int`, *optional*): torch intra-op threads (process-wide). `None` keeps torch's setting,
             or half the cores when ``low_priority``.
         low_priority (`bool`, defaults to `False`): raise this process's niceness by ``nice_increment``
@@ -249,6 +294,7 @@ class LocalTrainingBackend:
         dropout: float = 0.0,
         target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
         token_budget: int = 1024,
+        share_prefixes: bool = True,
         threads: int | None = None,
         low_priority: bool = False,
         nice_increment: int = 10,
@@ -270,6 +316,7 @@ class LocalTrainingBackend:
             msg = f"token_budget must be positive, got {token_budget}"
             raise ConfigurationError(msg)
         self.token_budget = int(token_budget)
+        self.share_prefixes = bool(share_prefixes)
         self.rank, self.alpha, self.dropout = int(rank), int(alpha), float(dropout)
         self.target_modules = tuple(target_modules)
         self.seed = seed
@@ -351,9 +398,7 @@ class LocalTrainingBackend:
         loss_fn: LossFnName,
         loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardOutput:
-        from langchain_metaclaw.training.losses import compute_loss, log_softmax_and_pick
-
-        torch = require("torch", backend="local", extra="local")
+        require("torch", backend="local", extra="local")
         data = list(data)
         config = dict(loss_fn_config or {})
         validate_request(data, loss_fn, config)
@@ -370,37 +415,89 @@ class LocalTrainingBackend:
             self.model.train()
             outputs: list[dict[str, list[float]] | None] = [None] * len(data)
             acc = _MetricsAccumulator()
-            real_tokens = sum(d.length for d in data)
+            groups, alone = shared_prefix_groups(data) if self.share_prefixes else ([], list(range(len(data))))
+            real_tokens = sum(data[i].length for i in alone)
             try:
-                for idx in plan_micro_batches([d.length for d in data], self.token_budget):
+                for prefix, members in groups:
+                    real_tokens += prefix + sum(data[i].length - prefix for i in members)
+                    self._shared_prefix_pass(data, prefix, members, loss_fn, config, outputs, acc)
+                for plan in plan_micro_batches([data[i].length for i in alone], self.token_budget):
+                    idx = [alone[j] for j in plan]
                     batch = self._collate([data[i] for i in idx], with_inputs=True)
-                    logits = self._logits(batch)
-                    log_probs, logp = log_softmax_and_pick(logits, batch["target_tokens"])
-                    valid = batch["attention_mask"].bool()
-                    inputs = {
-                        k: batch[k][valid]
-                        for k in ("weights", "logprobs", "advantages", "ref_logprobs")
-                        if k in batch
-                    }
-                    result = compute_loss(loss_fn, logp[valid], inputs, config)
-                    with torch.no_grad():
-                        entropy_sum = _entropy_sum(log_probs.detach(), valid & (batch["weights"] > 0))
-                        rows = logp.detach().to("cpu")
+                    loss, rows = self._loss(batch, self._logits(batch), loss_fn, config, acc)
                     for row, i in enumerate(idx):
                         outputs[i] = {"logprobs": rows[row, : data[i].length].tolist()}
-                    del logits, log_probs, logp
-                    result.loss.backward()
-                    acc.add(result, entropy_sum, padded=int(valid.numel()))
-                    del result, batch
+                    loss.backward()
+                    del loss, batch
             except Exception as exc:
                 # A half-accumulated batch must not leak into the next optim_step.
                 self._optimizer.zero_grad(set_to_none=True)
                 msg = f"forward_backward failed ({type(exc).__name__}: {exc}); accumulated gradients were cleared"
                 raise TrainingError(msg) from exc
-            return ForwardBackwardOutput(
-                loss_fn_outputs=[o for o in outputs if o is not None],
-                metrics=acc.metrics(len(data), real_tokens),
+            metrics = acc.metrics(len(data), real_tokens)
+            metrics["shared_prefix_tokens:sum"] = float(sum(p * (len(m) - 1) for p, m in groups))
+            return ForwardBackwardOutput(loss_fn_outputs=[o for o in outputs if o is not None], metrics=metrics)
+
+    def _loss(self, batch, logits, loss_fn: LossFnName, config: Mapping[str, float], acc: _MetricsAccumulator):
+        """Loss of one micro-batch (added to ``acc``) and the trainer's logprobs of its rows, on the CPU."""
+        import torch
+
+        from langchain_metaclaw.training.losses import compute_loss, log_softmax_and_pick
+
+        log_probs, logp = log_softmax_and_pick(logits, batch["target_tokens"])
+        valid = batch["attention_mask"].bool()
+        inputs = {k: batch[k][valid] for k in ("weights", "logprobs", "advantages", "ref_logprobs") if k in batch}
+        result = compute_loss(loss_fn, logp[valid], inputs, config)
+        with torch.no_grad():
+            entropy_sum = _entropy_sum(log_probs.detach(), valid & (batch["weights"] > 0))
+            rows = logp.detach().to("cpu")
+        acc.add(result, entropy_sum, padded=int(valid.numel()))
+        return result.loss, rows
+
+    @functools.cached_property
+    def _cache_arg(self) -> str:
+        """transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)."""
+        params = inspect.signature(self.model.get_base_model().forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _shared_prefix_pass(self, data, prefix: int, members: list[int], loss_fn: LossFnName,
+                            config: Mapping[str, float], outputs: list, acc: _MetricsAccumulator) -> None:
+        """Forward the shared prompt once, then every member's remainder on top of its keys and values."""
+        import torch
+        from transformers import DynamicCache
+
+        first = data[members[0]]
+        prompt = self.model(
+            input_ids=torch.tensor([list(first.model_input[:prefix])], dtype=torch.long, device=self.device),
+            use_cache=True,
+        )
+        kv = [(layer.keys, layer.values) for layer in getattr(prompt, self._cache_arg).layers]
+        with torch.no_grad():  # prompt positions carry weight 0: their logprobs are reported, not trained
+            targets = torch.tensor([first.target_tokens[:prefix]], dtype=torch.long, device=self.device)
+            prompt_logprobs = _token_logprobs(prompt.logits.detach(), targets)[0].to("cpu").tolist()
+        del prompt
+        acc.padded_tokens += prefix
+        rests = [_remainder(data[i], prefix) for i in members]
+        plans = plan_micro_batches([d.length for d in rests], self.token_budget)
+        for n, plan in enumerate(plans):
+            batch = self._collate([rests[j] for j in plan], with_inputs=True)
+            rows = len(plan)
+            # expand: a view, so the backward pass sums every row's gradient into the one prompt pass
+            cache = DynamicCache(
+                ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
             )
+            ones = torch.ones((rows, prefix), dtype=batch["attention_mask"].dtype, device=self.device)
+            logits = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=torch.cat([ones, batch["attention_mask"]], dim=1),
+                use_cache=True,
+                **{self._cache_arg: cache},
+            ).logits
+            loss, logp = self._loss(batch, logits, loss_fn, config, acc)
+            for row, j in enumerate(plan):
+                outputs[members[j]] = {"logprobs": prompt_logprobs + logp[row, : rests[j].length].tolist()}
+            del logits, cache
+            loss.backward(retain_graph=n < len(plans) - 1)  # the prompt's graph serves every micro-batch
 
     def optim_step(self, adam_params: AdamParams) -> OptimStepResult:
         torch = require("torch", backend="local", extra="local")

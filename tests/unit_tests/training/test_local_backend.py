@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError  # noqa: E402
 from langchain_metaclaw.training import AdamParams, Datum, TrainingBackend, datum_from_tokens  # noqa: E402
-from langchain_metaclaw.training.backends.local import plan_micro_batches  # noqa: E402
+from langchain_metaclaw.training.backends.local import plan_micro_batches, shared_prefix_groups  # noqa: E402
 
 LR = AdamParams(learning_rate=1e-2)
 
@@ -135,6 +135,49 @@ def test_micro_batching_gives_the_same_gradients_as_one_batch(make_backend):
     assert any(g.abs().sum() > 0 for n, g in g_big.items() if "lora_A" in n)
     for name in g_big:
         assert torch.allclose(g_small[name], g_big[name], rtol=1e-4, atol=1e-6), name
+
+
+def _groups_of_completions(seed: int = 4) -> list[Datum]:
+    """3 prompts x 4 sampled completions of different lengths, plus 2 data with a prompt of their own."""
+    import random
+
+    rng = random.Random(seed)
+    data = []
+    for prompt_len in (9, 14, 20):
+        prompt = [rng.randrange(256) for _ in range(prompt_len)]
+        for _ in range(4):
+            completion = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
+            data.append(datum_from_tokens(prompt, completion, [-3.0] * len(completion), rng.uniform(-1, 1)))
+    data += random_rl_data(2, seed=seed, min_len=12, max_len=30)
+    rng.shuffle(data)
+    return data
+
+
+def test_a_shared_prompt_runs_once_with_the_same_gradients(make_backend):
+    data = _groups_of_completions()
+    groups, alone = shared_prefix_groups(data)
+    # the last prompt token predicts the first completion token: it is weighted, the rest is shared
+    assert sorted(p for p, _ in groups) == [8, 13, 19] and all(len(m) == 4 for _, m in groups)
+    assert len(alone) == 2
+    shared = make_backend(token_budget=40)  # a group of 4 completions of up to 12 tokens needs 2
+    whole = make_backend(token_budget=40, share_prefixes=False)
+    warmup = random_rl_data(1, seed=3, max_len=30)  # non-zero lora_B, so every LoRA matrix gets a gradient
+    for backend in (shared, whole):
+        backend.forward_backward(warmup, "cross_entropy")
+        backend.optim_step(LR)
+
+    out_shared = shared.forward_backward(data, "importance_sampling")
+    out_whole = whole.forward_backward(data, "importance_sampling")
+    assert out_shared.metrics["shared_prefix_tokens:sum"] == 3 * (8 + 13 + 19)
+    assert out_whole.metrics["shared_prefix_tokens:sum"] == 0
+    assert out_shared.metrics["tokens:sum"] == out_whole.metrics["tokens:sum"]
+    assert out_shared.metrics["loss:sum"] == pytest.approx(out_whole.metrics["loss:sum"], rel=1e-4)
+    for a, b in zip(out_shared.loss_fn_outputs, out_whole.loss_fn_outputs, strict=True):
+        assert torch.allclose(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-5)
+    g_shared, g_whole = grads(shared), grads(whole)
+    assert any(g.abs().sum() > 0 for n, g in g_whole.items() if "lora_A" in n)
+    for name in g_whole:
+        assert torch.allclose(g_shared[name], g_whole[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_save_weights_for_sampler_reloads_with_peft(make_backend):

@@ -91,3 +91,18 @@ def test_with_a_kl_penalty_constant_groups_still_train_on_the_kl_term(captured_s
     assert with_kl.status == "ok" and with_kl.steps == 1, with_kl.reason
     assert with_kl.metrics["last_constant_groups"] == 1 and with_kl.metrics["last_data"] == 2
     assert "last_kl_ref:mean" in with_kl.metrics
+
+
+def test_a_constant_group_is_resampled_at_the_explore_temperature(captured_store):
+    calls = []
+
+    def flat_then_graded(prompt, text: str) -> float:
+        calls.append(text)
+        return 0.5 if len(calls) <= 2 else float(len(calls) % 2)  # the first group is constant, the next is not
+
+    cfg = TrainerConfig(group_size=2, group_prompts=1, max_new_tokens=4, max_steps=1, eval_prompts=2, threads=2,
+                        low_priority=False, explore_temperature=1.5)
+    run = Trainer(captured_store, cfg, reward_fn=flat_then_graded).run()
+    assert run.status == "ok" and run.steps == 1, run.reason
+    assert run.metrics["last_explored_groups"] == 1 and run.metrics["last_constant_groups"] == 0
+    assert run.metrics["last_data"] == 2
