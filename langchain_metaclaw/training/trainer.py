@@ -5,10 +5,10 @@
 and records in ``train_runs`` what it trained on, its metrics, and, when it did nothing, exactly why.
 
 Guards against what collapses small-model RL (DESIGN "Learning on this machine"): constant groups are
-skipped and counted, entropy and KL(sampler || trainer) are reported per step, an optional KL penalty
-against the base model (``kl_coef``; with it, constant groups are trained on the KL term alone), constant
-groups resampled at a higher temperature (``explore_temperature``), and promotion only when the candidate is not worse than the serving
-adapter on held-out recent prompts, with an automatic rollback when live reward drops after promotion.
+skipped and counted (or resampled at ``explore_temperature``), entropy and KL(sampler || trainer) are
+reported per step, an optional KL penalty against the base model (``kl_coef``; with it, constant groups
+train on the KL term alone), and promotion only when the candidate is not worse than the serving adapter
+on held-out recent prompts, with an automatic rollback when live reward drops after promotion.
 """
 
 from __future__ import annotations
