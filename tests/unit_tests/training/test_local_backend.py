@@ -114,12 +114,7 @@ def test_micro_batching_gives_the_same_gradients_as_one_batch(make_backend):
     data = random_rl_data(9, seed=2, min_len=3, max_len=60)
     small = make_backend(token_budget=64)
     big = make_backend(token_budget=100_000)
-    # One identical step first (a single short datum: one identical micro-batch in both) so lora_B is
-    # non-zero and every LoRA matrix gets a gradient.
-    warmup = random_rl_data(1, seed=3, max_len=30)
-    for backend in (small, big):
-        backend.forward_backward(warmup, "cross_entropy")
-        backend.optim_step(LR)
+    warm_up(small, big)
     for name, value in lora_params(small).items():
         assert torch.equal(value, lora_params(big)[name])
 
@@ -128,13 +123,27 @@ def test_micro_batching_gives_the_same_gradients_as_one_batch(make_backend):
     assert out_small.metrics["micro_batches:sum"] > 2
     assert out_big.metrics["micro_batches:sum"] == 1
     assert out_small.metrics["padding_frac:mean"] < out_big.metrics["padding_frac:mean"]
-    assert out_small.metrics["loss:sum"] == pytest.approx(out_big.metrics["loss:sum"], rel=1e-4)
-    for a, b in zip(out_small.loss_fn_outputs, out_big.loss_fn_outputs, strict=True):
-        assert torch.allclose(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-5)
-    g_small, g_big = grads(small), grads(big)
-    assert any(g.abs().sum() > 0 for n, g in g_big.items() if "lora_A" in n)
-    for name in g_big:
-        assert torch.allclose(g_small[name], g_big[name], rtol=1e-4, atol=1e-6), name
+    assert_same_step(small, out_small, big, out_big)
+
+
+def warm_up(*backends) -> None:
+    """One identical step (a single short datum: one identical micro-batch in each), so lora_B is non-zero
+    and every LoRA matrix gets a gradient in the step under test."""
+    warmup = random_rl_data(1, seed=3, max_len=30)
+    for backend in backends:
+        backend.forward_backward(warmup, "cross_entropy")
+        backend.optim_step(LR)
+
+
+def assert_same_step(a, out_a, b, out_b) -> None:
+    """Two forward_backward calls gave the same loss, logprobs and (non-zero) gradients."""
+    assert out_a.metrics["loss:sum"] == pytest.approx(out_b.metrics["loss:sum"], rel=1e-4)
+    for x, y in zip(out_a.loss_fn_outputs, out_b.loss_fn_outputs, strict=True):
+        assert torch.allclose(torch.tensor(x["logprobs"]), torch.tensor(y["logprobs"]), atol=1e-5)
+    g_a, g_b = grads(a), grads(b)
+    assert any(g.abs().sum() > 0 for n, g in g_b.items() if "lora_A" in n)
+    for name in g_b:
+        assert torch.allclose(g_a[name], g_b[name], rtol=1e-4, atol=1e-6), name
 
 
 def _groups_of_completions(seed: int = 4) -> list[Datum]:
@@ -161,23 +170,14 @@ def test_a_shared_prompt_runs_once_with_the_same_gradients(make_backend):
     assert len(alone) == 2
     shared = make_backend(token_budget=40)  # a group of 4 completions of up to 12 tokens needs 2
     whole = make_backend(token_budget=40, share_prefixes=False)
-    warmup = random_rl_data(1, seed=3, max_len=30)  # non-zero lora_B, so every LoRA matrix gets a gradient
-    for backend in (shared, whole):
-        backend.forward_backward(warmup, "cross_entropy")
-        backend.optim_step(LR)
+    warm_up(shared, whole)
 
     out_shared = shared.forward_backward(data, "importance_sampling")
     out_whole = whole.forward_backward(data, "importance_sampling")
     assert out_shared.metrics["shared_prefix_tokens:sum"] == 3 * (8 + 13 + 19)
     assert out_whole.metrics["shared_prefix_tokens:sum"] == 0
     assert out_shared.metrics["tokens:sum"] == out_whole.metrics["tokens:sum"]
-    assert out_shared.metrics["loss:sum"] == pytest.approx(out_whole.metrics["loss:sum"], rel=1e-4)
-    for a, b in zip(out_shared.loss_fn_outputs, out_whole.loss_fn_outputs, strict=True):
-        assert torch.allclose(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-5)
-    g_shared, g_whole = grads(shared), grads(whole)
-    assert any(g.abs().sum() > 0 for n, g in g_whole.items() if "lora_A" in n)
-    for name in g_whole:
-        assert torch.allclose(g_shared[name], g_whole[name], rtol=1e-4, atol=1e-6), name
+    assert_same_step(shared, out_shared, whole, out_whole)
 
 
 def test_save_weights_for_sampler_reloads_with_peft(make_backend):
