@@ -6,8 +6,9 @@ Runs, interleaved in one process so machine noise hits every variant alike:
   langsmith    LangSmith's LangChainTracer pointed at an unreachable endpoint (it only queues)
   metaclaw     MetaClawCallbackHandler on a temporary SQLite store (spool + queue + writer thread)
 Each call sends a 3-message conversation and gets a tool-calling AIMessage back, like an agent turn, and
-each call is its own episode (the worst case: 3 records per call; in an agent the episode records are
-shared by all the turns of an invocation).
+each call is its own episode (the worst case: the episode's record is written with every call; in an
+agent it is shared by all the turns of an invocation). Rounds of 2000 calls span many of the writer's
+batches (it sleeps 50 ms between them): much shorter rounds would leave its work to the untimed flush.
 
 Two scenarios:
   cpu-bound   the model answers instantly: any background thread's work is charged to the caller (GIL)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -70,6 +72,8 @@ def _per_call_us(model, callbacks, calls: int, flush=None) -> tuple[float, float
     """(wall, agent-thread CPU, whole-process CPU) microseconds per call; process CPU includes the flush of
     everything the calls queued, so background work is charged to the variant that caused it."""
     config = {"callbacks": callbacks} if callbacks else {}
+    for _ in range(calls // 10):  # untimed: a variant that follows a long wait (LangSmith's flush) starts cold
+        model.invoke(MESSAGES, config=config)
     wall, thread, proc = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in range(calls):
         model.invoke(MESSAGES, config=config)
@@ -91,6 +95,7 @@ def main() -> None:
     logging.getLogger("langsmith").setLevel(logging.CRITICAL)  # it cannot reach its endpoint, by design
     from langchain_core.tracers.langchain import LangChainTracer
     from langsmith import Client
+    from urllib3.util.retry import Retry
 
     from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
 
@@ -98,20 +103,27 @@ def main() -> None:
     os.environ["METACLAW_HOME"] = tmp
     store = TraceStore(f"sqlite:///{tmp}/bench.db")
     handler = MetaClawCallbackHandler(store)
-    tracer = LangChainTracer(client=Client(api_url="http://127.0.0.1:9", api_key="lsv2-bench-unreachable"))
+    # No retries: each batch is serialised and sent once, as to a reachable endpoint (retrying a refused
+    # connection only adds minutes of backoff sleeps to the flushes, never measured work).
+    tracer = LangChainTracer(client=Client(api_url="http://127.0.0.1:9", api_key="lsv2-bench-unreachable",
+                                           retry_config=Retry(total=0)))
     variants = {"baseline": None, "noop": [_Noop()], "langsmith": [tracer], "metaclaw": [handler]}
     results: dict[str, dict[str, float]] = {}
     cpu_results: dict[str, dict[str, float]] = {}
     proc_results: dict[str, dict[str, float]] = {}
     for scenario, latency, calls in (("cpu-bound", 0.0, args.calls), ("io-bound", args.latency_ms / 1e3, args.calls // 5)):
         model = _FixedModel(latency_s=latency)
-        flushes = {"metaclaw": lambda: handler.flush(60), "langsmith": lambda: tracer.wait_for_futures()}
+        # LangSmith's client serialises and sends from its own thread: drain that queue too, or its leftover
+        # work lands in (and is charged to) whichever variant runs next.
+        flushes = {"metaclaw": lambda: handler.flush(60),
+                   "langsmith": lambda: (tracer.wait_for_futures(), tracer.client.flush(timeout=60))}
         for name, cbs in variants.items():  # warm-up
             _per_call_us(model, cbs, 100, flushes.get(name))
         samples: dict[str, list[tuple[float, float, float]]] = {k: [] for k in variants}
+        order = random.Random(0)
         for _ in range(args.rounds):
-            for name, cbs in variants.items():
-                samples[name].append(_per_call_us(model, cbs, calls, flushes.get(name)))
+            for name in order.sample(list(variants), len(variants)):  # no variant always follows another
+                samples[name].append(_per_call_us(model, variants[name], calls, flushes.get(name)))
         med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in samples.items()}
         over = {k: [med[k][i] - med["baseline"][i] for i in range(3)] for k in variants}
         results[scenario] = {k: over[k][0] for k in variants}

@@ -1,8 +1,8 @@
 """Pure conversion of LangChain callback events into capture records (no I/O here).
 
 A record is a plain, JSON-ready dict; ``TraceStore.write_records`` understands three types:
-``episode_start``, ``turn`` (one per LLM call and one per tool call, written when the run ends) and
-``episode_end``. Serialisation is hand-rolled for the message fields RL needs because it runs on the
+``episode_start`` (which carries the end too when the episode ends in the event that starts it), ``turn``
+(one per LLM call and one per tool call, written when the run ends) and ``episode_end``. Serialisation is hand-rolled for the message fields RL needs because it runs on the
 agent's thread and ``model_dump`` of every message would cost more than the whole capture budget.
 """
 

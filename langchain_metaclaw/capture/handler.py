@@ -114,9 +114,18 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
 
     # ---------------------------------------------------------------- sink
 
-    def _emit(self, episode: str, *records: Record) -> None:
+    def _emit(self, episode: str, records: list[Record], end: Record | None = None) -> None:
+        """Submit one callback event's records as one spool write. An episode's start rides along with its
+        first finished record; an episode that starts and ends in the same event is one record."""
         start = self._unwritten_starts.pop(episode, None)
-        self._writer.submit([start, *records] if start is not None else list(records))
+        if start is not None:
+            if end is not None:
+                start.update(ended_at=end["ended_at"], status=end["status"], error=end["error"])
+                end = None
+            records.insert(0, start)
+        if end is not None:
+            records.append(end)
+        self._writer.submit(records)
 
     @property
     def stats(self) -> CaptureStats:
@@ -209,10 +218,8 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
             "created_at": ended,
             **fields,
         }
-        if run.closes_episode:
-            self._emit(run.episode, record, self._episode_end(run.episode, run.root, status, error))
-        else:
-            self._emit(run.episode, record)
+        end = self._episode_end(run.episode, run.root, status, error) if run.closes_episode else None
+        self._emit(run.episode, [record], end)
 
     # ---------------------------------------------------------------- chat models and LLMs
 
@@ -310,13 +317,14 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         located = self._chains.pop(run_id, None)
         if located is not None and located[2]:
-            self._emit(located[1], self._episode_end(located[1], located[0], "ok"))
+            self._emit(located[1], [], self._episode_end(located[1], located[0], "ok"))
 
     @_guard
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         located = self._chains.pop(run_id, None)
         if located is not None and located[2]:
-            self._emit(located[1], self._episode_end(located[1], located[0], _is_interrupt(error), _describe(error)))
+            end = self._episode_end(located[1], located[0], _is_interrupt(error), _describe(error))
+            self._emit(located[1], [], end)
 
 
 def _serialized_name(serialized: dict[str, Any] | None) -> str | None:

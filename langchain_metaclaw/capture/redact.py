@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+import ahocorasick_rs
+
 REDACTED = "[REDACTED]"
 
 _TOKEN = r"[A-Za-z0-9_\-\.~+/=]"
@@ -33,25 +35,29 @@ _KEYED = re.compile(
 )
 _SECRETS = re.compile("|".join(f"(?:{p})" for p in SECRET_PATTERNS))
 
-# Every pattern above contains one of these (lower-cased). Substring tests run at C speed, so a line with
-# none of them (nearly every line) skips the regex pass, which costs ~150 us per KB.
+# Every pattern above contains one of these (lower-cased). One Aho-Corasick pass finds them all (~0.5 us for
+# 300 characters, 1 us per KB; 25 substring tests cost 8x that), so text with none of them (nearly all text)
+# skips the regex pass, which costs ~30 us per KB.
 _MARKERS = (
     "sk-", "tml-", "akia", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "hf_", "aiza", "eyj", "bearer ",
     "basic ", "api_key", "api-key", "apikey", "secret", "password", "passwd", "access_token", "access-token",
     "auth_token", "auth-token",
 )
+_MARKER_SEARCH = ahocorasick_rs.AhoCorasick(list(_MARKERS))
 
 
 _SHORTEST_MATCH = 11
 """No pattern matches fewer characters (``secret=abcd``): shorter strings skip the scan."""
 
 
+def may_hold_secret(text: str) -> bool:
+    """``False`` when no pattern can match ``text`` (one pass; nearly all text)."""
+    return len(text) >= _SHORTEST_MATCH and bool(_MARKER_SEARCH.find_matches_as_indexes(text.lower()))
+
+
 def redact_text(text: str) -> str:
     """Replace anything that looks like a credential with ``[REDACTED]``."""
-    if len(text) < _SHORTEST_MATCH:
-        return text
-    lowered = text.lower()
-    if not any(marker in lowered for marker in _MARKERS):
+    if not may_hold_secret(text):
         return text
     text = _SECRETS.sub(REDACTED, text)
     return _KEYED.sub(lambda m: m.group(1) + REDACTED, text)

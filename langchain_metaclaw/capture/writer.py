@@ -2,7 +2,9 @@
 
 ``submit`` is what the callback handler calls on the agent's thread: it serialises and redacts the record,
 appends it to the spool (durable against SIGKILL), and puts it on a queue. A single daemon thread drains
-the queue in batches into ``TraceStore.write_records`` and then lets the spool forget what was committed.
+the queue in batches, hands each batch's JSON text to ``TraceStore.write_records_json`` (on SQLite the
+database parses it, so this thread takes almost no GIL time from the agent) and then lets the spool forget
+what was committed.
 A dead database or a full disk never raises into the agent: failures are counted in :attr:`stats`,
 logged once per kind, and retried with backoff; what the spool holds survives a restart either way.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from langchain_metaclaw.capture.redact import redact_text
+from langchain_metaclaw.capture.redact import may_hold_secret, redact_text
 from langchain_metaclaw.store.spool import Spool
 from langchain_metaclaw.store.trace_store import TraceStore
 
@@ -71,11 +73,12 @@ _GENERATED = {
          "latency_ms", "status", "created_at", "tokens_source", "usage", "prompt_token_ids",
          "completion_token_ids", "logprobs"}
     ),
-    "episode_start": frozenset({"type", "root_run_id", "started_at"}),
+    "episode_start": frozenset({"type", "root_run_id", "started_at", "ended_at", "status"}),
     "episode_end": frozenset({"type", "root_run_id", "ended_at", "status"}),
 }
 """Fields whose values capture generates itself (run uuids, clocks, counters, token ids): never free text,
-so never scanned. Every other field (messages, tool args and results, errors, metadata, thread ids) is."""
+so the field-by-field pass (:func:`_redacted`, for records where the one-pass scan found a marker) skips
+them. Every other field (messages, tool args and results, errors, metadata, thread ids) is scanned."""
 
 _CACHED_TEXT = 8192
 
@@ -111,6 +114,40 @@ def _redacted(record: dict[str, Any]) -> dict[str, Any]:
 
 
 _NUMBERS = (int, float)
+_TOKEN_FIELDS = ("prompt_token_ids", "completion_token_ids", "logprobs")
+
+
+def _encode(record: dict[str, Any]) -> str:
+    """JSON text of ``record``, redacted.
+
+    One pass over the record finds no credential marker in nearly every record, which is then written
+    as is; only a record with a marker goes field by field through :func:`_redacted`. Two kinds of bulky
+    field stay out of that pass and are spliced into the text after it: the input messages, which a
+    conversation resends on every call, are scanned one by one through the cache; token ids and logprobs
+    (thousands of numbers) are never scanned.
+    """
+    spliced = [key for key in _SPLICED if record.get(key) is not None]
+    if spliced:
+        record = dict(record)
+        values = [record.pop(key) for key in spliced]
+    text = _dumps(record)
+    if may_hold_secret(text):
+        text = _dumps(_redacted(record))
+    if not spliced:
+        return text
+    items = []
+    for key, value in zip(spliced, values, strict=True):
+        if key in _TOKEN_FIELDS:
+            json = _dumps(value)
+        elif isinstance(value, list):  # input messages
+            json = f"[{','.join(_redact(_dumps(message)) for message in value)}]"
+        else:
+            json = _redact(_dumps(value))
+        items.append(f'"{key}":{json}')
+    return f"{text[:-1]}{',' if len(text) > 2 else ''}{','.join(items)}}}"
+
+
+_SPLICED = ("input_messages", *_TOKEN_FIELDS)
 
 
 class SpoolingWriter:
@@ -147,7 +184,7 @@ class SpoolingWriter:
         try:
             if self.redact is not None:
                 records = [self.redact(r) for r in records]
-            line = _dumps([_redacted(r) for r in records])
+            line = f"[{','.join(_encode(r) for r in records)}]"
         except Exception as exc:  # a user hook or an exotic payload: count it, never break the agent
             self._note_error("serialize", exc)
             with self._lock:
@@ -203,7 +240,7 @@ class SpoolingWriter:
                         break
                     batch.append(item)
             try:
-                self.store.write_records([r for _, line, _ in batch for r in orjson.loads(line)])
+                self.store.write_records_json(f"[{','.join(line[1:-1] for _, line, n in batch if n)}]")
             except Exception as exc:
                 self._note_error("store", exc)
                 with self._lock:

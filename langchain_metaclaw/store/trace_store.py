@@ -4,8 +4,9 @@ SQLite (WAL, ``synchronous=NORMAL``) on one machine, PostgreSQL (``postgresql+ps
 the same code and the same tests run on both. The store migrates on construction and replays any spool
 that a killed process left behind, so opening it is all a user does.
 
-Capture writes go through :meth:`TraceStore.write_records`, which is idempotent (upserts keyed by run
-id), so a record replayed from the spool after a crash is never stored twice.
+Capture writes go through :meth:`TraceStore.write_records` (or :meth:`TraceStore.write_records_json`,
+the same rows from the JSON text), which is idempotent (upserts keyed by run id), so a record replayed
+from the spool after a crash is never stored twice.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy.pool import StaticPool
 
 from langchain_metaclaw.config import get_settings, metaclaw_home
 from langchain_metaclaw.errors import StoreError
-from langchain_metaclaw.store import schema
+from langchain_metaclaw.store import schema, sqlite_json
 from langchain_metaclaw.store.migrations import MIGRATIONS, applied_migrations, migrate
 from langchain_metaclaw.store.records import (
     AdapterVersion,
@@ -209,6 +210,20 @@ class TraceStore:
             with self.engine.begin() as conn:
                 self._write_records_in_transaction(conn, records)
 
+    def write_records_json(self, batch: str) -> None:
+        """Store a batch given as the JSON text of an array of capture records (what the spool holds).
+
+        On SQLite the database reads the text itself (:mod:`~langchain_metaclaw.store.sqlite_json`): the
+        capture writer then spends no Python time per record, time it would take from the agent's thread.
+        Elsewhere the text is parsed and written as :meth:`write_records` does. Times are epoch seconds.
+        """
+        if self.dialect != "sqlite" or not sqlite_json.AVAILABLE:
+            self.write_records(orjson.loads(batch))
+            return
+        with self.engine.begin() as conn:
+            for statement in sqlite_json.STATEMENTS:
+                conn.exec_driver_sql(statement, (batch,))
+
     def _insert(self, table):
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
@@ -228,26 +243,31 @@ class TraceStore:
         return starts, ends, turns
 
     def _write_records_in_transaction(self, conn: Connection, records: Sequence[dict[str, Any]]) -> None:
-        starts: dict[str, dict] = {}
-        ends: list[dict] = []
+        episodes: dict[str, dict] = {}
+        ended: dict[str, None] = {}  # ordered
         turn_rows: dict[str, dict] = {}
         for rec in records:
             kind = rec.get("type")
-            if kind == "episode_start":
-                starts.setdefault(rec["id"], rec)
-            elif kind == "episode_end":
-                ends.append(rec)
+            if kind in ("episode_start", "episode_end"):
+                # An end (or a start that carries its end: an episode that ended in the event it started)
+                # folds into the batch's first start of the episode: one row, not two.
+                row = _episode_row(rec)
+                first = episodes.setdefault(rec["id"], row)
+                if rec.get("ended_at") is not None:
+                    if first is not row:
+                        first.update(ended_at=row["ended_at"], status=row["status"], error=row["error"])
+                    ended[rec["id"]] = None
             elif kind == "turn":
-                turn_rows[rec["id"]] = rec  # a later copy of the same run wins
+                turn_rows[rec["id"]] = _turn_row(rec)  # a later copy of the same run wins
             else:
                 logger.warning("ignoring capture record of unknown type %r", kind)
         start_stmt, end_stmt, turn_stmt = self._capture_statements
-        if starts:
-            conn.execute(start_stmt, [_episode_row(r) for r in starts.values()])
-        if ends:
-            conn.execute(end_stmt, [_episode_row(r) for r in ends])
+        if starts := [row for key, row in episodes.items() if key not in ended]:
+            conn.execute(start_stmt, starts)
+        if ends := [episodes[key] for key in ended]:
+            conn.execute(end_stmt, ends)
         if turn_rows:
-            conn.execute(turn_stmt, [_turn_row(r) for r in turn_rows.values()])
+            conn.execute(turn_stmt, list(turn_rows.values()))
 
     def replay_spool(self) -> int:
         """Write records left in the spool by processes that died; returns how many were replayed."""

@@ -242,7 +242,7 @@ def test_global_capture_one_liner(store):
         ScriptedChatModel(script=[AIMessage("global")]).invoke("hi")
     finally:
         disable_global_capture()
-    assert handler.stats.written == 3  # episode start, turn, episode end
+    assert handler.stats.written == 2  # the episode (started and ended with the call), the turn
     (turn,) = store.turns()
     assert turn.output_message["data"]["content"] == "global"
     ScriptedChatModel(script=[AIMessage("not captured")]).invoke("hi")
@@ -339,4 +339,48 @@ def test_a_broken_redact_hook_never_breaks_the_agent(store):
         == "fine"
     )
     handler.close()
-    assert handler.stats.serialize_errors == 3 and store.turns() == []  # episode start, turn, episode end
+    assert handler.stats.serialize_errors == 2 and store.turns() == []  # the episode, the turn
+
+
+def test_sqlite_reads_capture_batches_into_the_same_rows(tmp_path, monkeypatch):
+    """The capture writer hands SQLite the batch's JSON text (no Python per record); the rows must be the
+    ones the SQLAlchemy path writes from the same records, times to the microsecond included."""
+    import orjson
+    from sqlalchemy import text
+
+    from langchain_metaclaw.store import TraceStore, sqlite_json
+    from langchain_metaclaw.store.spool import Spool
+
+    assert sqlite_json.AVAILABLE
+    spooled: list[bytes] = []
+    append = Spool.append
+    monkeypatch.setattr(Spool, "append", lambda self, line: (spooled.append(line), append(self, line))[1])
+    by_json = TraceStore(f"sqlite:///{tmp_path}/json.db")
+    with MetaClawCallbackHandler(by_json) as handler:
+        agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time, broken],
+                             checkpointer=InMemorySaver())
+        agent.invoke({"messages": [HumanMessage("both, in Zürich")]}, config=_config(handler))
+        agent.invoke({"messages": [HumanMessage("again")]}, config=_config(handler))  # same episode
+        failing = [AIMessage("", tool_calls=[tool_call("broken", {"query": "x"}, "b1")]), AIMessage("sorry")]
+        with pytest.raises(RuntimeError, match="database is down"):  # a failed tool, then a failed episode
+            create_agent(ScriptedChatModel(script=failing), [broken]).invoke(
+                {"messages": [HumanMessage("break")]}, config=_config(handler, "t2"))
+        ScriptedChatModel(script=[AIMessage("bare")]).invoke("a call outside any graph", config={
+            "callbacks": [handler], "metadata": {"user": "alice", "n": 3}})
+        twice = ScriptedChatModel(script=[AIMessage("first"), ValueError("second fails")])
+        in_t3 = {"callbacks": [handler], "metadata": {"thread_id": "t3"}}
+        twice.invoke("one", config=in_t3)  # an episode that starts and ends in one event,
+        with pytest.raises(ValueError):  # then again in the same batch: the last end wins
+            twice.invoke("two", config=in_t3)
+    by_python = TraceStore(f"sqlite:///{tmp_path}/python.db")
+    by_python.write_records([record for line in spooled for record in orjson.loads(line)])
+
+    def rows(store):
+        with store.engine.connect() as conn:  # the stored text itself, not just what reads make of it
+            return [conn.execute(text(f"SELECT * FROM {t} ORDER BY id")).all() for t in ("episodes", "turns")]
+
+    assert len(by_json.turns()) == 13 and len(by_json.episodes()) == 4
+    assert rows(by_json) == rows(by_python)
+    assert [t.model_dump() for t in by_json.turns()] == [t.model_dump() for t in by_python.turns()]
+    bare = by_json.turns(kind="llm")[-3].episode_id
+    assert {e.id: e.status for e in by_json.episodes()} == {"t1": "ok", "t2": "error", bare: "ok", "t3": "error"}

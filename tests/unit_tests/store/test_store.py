@@ -127,6 +127,30 @@ def test_write_records_is_idempotent(store):
     assert store.turn("a").output_message == {"type": "ai", "data": {"content": "hi"}}
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["records", "json"])
+def test_an_episode_start_can_carry_its_end(store, as_json):
+    """An episode that starts and ends in one callback event is one record; a thread invoked again ends
+    with its latest end, and a start alone never reopens an ended episode (same rows either way in)."""
+    import orjson
+
+    def write(batch):
+        store.write_records_json(orjson.dumps(batch).decode()) if as_json else store.write_records(batch)
+
+    t0 = time.time()
+    first = {**_episode("t", t=t0), "ended_at": t0 + 1, "status": "ok", "metadata": {"user": "alice"}}
+    again = {**_episode("t", t=t0 + 2), "ended_at": t0 + 3, "status": "error", "error": "boom"}
+    write([first, _turn("a", eid="t", t=t0), again, _turn("b", eid="t", t=t0 + 2)])
+    (ep,) = store.episodes()
+    assert (ep.status, ep.error, ep.metadata) == ("error", "boom", {"user": "alice"})
+    assert ep.started_at.timestamp() == pytest.approx(t0, abs=1e-6)
+    assert ep.ended_at.timestamp() == pytest.approx(t0 + 3, abs=1e-6)
+    write([_episode("t", t=t0 + 4)])  # a start alone: the row stays as it ended
+    assert store.episodes()[0].status == "error"
+    write([{"type": "episode_end", "id": "t", "ended_at": t0 + 5, "status": "ok"}])
+    assert store.episode("t").status == "ok" and store.episode("t").error is None
+    assert [t.id for t in store.turns()] == ["a", "b"]
+
+
 def test_turn_fields_round_trip(store):
     t0 = time.time()
     rec = _turn(
