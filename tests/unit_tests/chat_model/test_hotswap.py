@@ -119,9 +119,15 @@ def _check(answers: list[Answer], errors: list[BaseException], swapper: Swapper,
 def test_threads_see_no_failed_or_mixed_request_while_versions_swap(setup) -> None:
     answers: list[Answer] = []
     errors: list[BaseException] = []
+    issued = [0] * 4
 
     def client(index: int) -> None:
-        for k in range(3):
+        # At least 3 requests each, and on until the swapper has been through its whole cycle: short
+        # requests can all finish inside one version's window (seen in CI: every answer from v1).
+        for k in range(50):
+            if k >= 3 and swapper.swaps >= 4:
+                break
+            issued[index] += 1
             try:
                 if (index + k) % 2:
                     answers.append(Answer.of(setup.llm.invoke(ADAPTER_PROMPT)))
@@ -143,7 +149,7 @@ def test_threads_see_no_failed_or_mixed_request_while_versions_swap(setup) -> No
         thread.join(timeout=300)
     swapper.stop.set()
     swapper.join(timeout=30)
-    assert len(answers) + len(errors) == 12
+    assert len(answers) + len(errors) == sum(issued) >= 12
     _check(answers, errors, swapper, setup.reference)
 
 
