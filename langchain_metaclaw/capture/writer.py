@@ -106,9 +106,7 @@ def _redacted(record: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, str):
             out[key] = _redact(value)
-        elif key == "input_messages" and isinstance(value, list):
-            out[key] = [orjson.Fragment(_redact(_dumps(message))) for message in value]
-        else:
+        else:  # input messages never get here: _encode splices them in through the cache
             out[key] = orjson.Fragment(_redact(_dumps(value)))
     return out
 
