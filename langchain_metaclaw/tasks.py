@@ -2,8 +2,9 @@
 
 ``ToolCallFormatTask``: the agent must answer a request with exactly one JSON tool call,
 ``{"name": "<tool>", "arguments": {"<arg>": "<value>"}}`` and nothing else, choosing the tool from the
-list in its system prompt (as an agent sees its tools). Out of the box SmolLM2-135M copies the request's
-example (wrong tool, wrong value) and keeps talking after it. Train and held-out prompts use different
+list in its system prompt (as an agent sees its tools), and, once the tool has answered, reply in text.
+Out of the box SmolLM2-135M copies the request's example (wrong tool, wrong value) and keeps talking
+after it. Train and held-out prompts use different
 cities, dishes and phrases, so the held-out reward measures the behaviour learned, not memorised answers.
 """
 
@@ -80,7 +81,7 @@ class ToolCallFormatTask:
         """Score every captured llm turn of this task in ``store``; returns how many got a score.
 
         A turn whose answer was parsed into tool calls (an agent with tools bound) is scored on its first
-        call, written back as the JSON the task asks for.
+        call, written back as the JSON the task asks for; one that did not parse, on its raw text.
         """
         from langchain_core.messages import messages_from_dict
 
@@ -95,6 +96,8 @@ class ToolCallFormatTask:
             if out.get("tool_calls"):
                 call = out["tool_calls"][0]
                 text = json.dumps({"name": call["name"], "arguments": call["args"]})
+            elif out.get("invalid_tool_calls"):
+                text = f"<tool_call>{out['invalid_tool_calls'][0].get('args') or ''}</tool_call>"
             reward = self.reward(convert_messages(messages_from_dict(turn.input_messages or [])), text)
             if reward is not None:
                 store.add_score(turn.id, reward, source=source)
@@ -102,11 +105,53 @@ class ToolCallFormatTask:
         return scored
 
     def reward(self, messages: Sequence[dict[str, Any]], text: str) -> float | None:
-        """``None`` for prompts that are not this task's (not applicable, never 0)."""
+        """``None`` for prompts that are not this task's (not applicable, never 0).
+
+        An agent's turn after the tool result is scored too, and a call there earns 0: paid for the first
+        call alone, RL carried the call into the turns after it (nothing told it to stop), and the demo's
+        agent then called its tool again after every result until LangGraph's recursion limit, on every
+        held-out request (measured).
+        """
         prompt = self.lookup(messages)
         if prompt is None:
             return None
+        if _answered_by_tool(messages):
+            return 0.0 if _opens_with_call(text) or not text.strip() else 1.0
         return score_tool_call(text, prompt.tool, prompt.argument, prompt.value)
+
+
+def _answered_by_tool(messages: Sequence[dict[str, Any]]) -> bool:
+    """True when a tool result follows the last user message (the agent's turn after its call)."""
+    for message in reversed(messages):
+        if message.get("role") == "tool":
+            return True
+        if message.get("role") == "user":
+            return False
+    return False
+
+
+def _opens_with_call(text: str) -> bool:
+    """True for an answer that is (or starts as) a tool call, valid or not, in any form the task accepts."""
+    return "<tool_call>" in text or _opening_call(text) is not None
+
+
+def _opening_call(text: str) -> tuple[dict[str, Any], str] | None:
+    """(call object, what follows it) when ``text`` opens with a JSON ``{"name", "arguments"}`` object, bare,
+    in a ``<tool_call>`` wrapper or in a json code fence."""
+    candidate = text.strip()
+    if candidate.startswith("<tool_call>"):
+        candidate = candidate.removeprefix("<tool_call>").strip()
+        candidate = candidate.replace("</tool_call>", "", 1)
+    if candidate.startswith("```"):
+        candidate = candidate.removeprefix("```json").removeprefix("```").strip()
+        candidate = candidate.replace("```", "", 1)
+    try:
+        data, end = json.JSONDecoder().raw_decode(candidate)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("arguments"), dict):
+        return None
+    return data, candidate[end:]
 
 
 def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
@@ -120,24 +165,15 @@ def score_tool_call(text: str, tool: str, argument: str, value: str) -> float:
     the request's example copied verbatim was paid less, near-copies (``"Berl"``, ``"AMEX"``) were found
     within 20 steps (measured). A call that answers no part of the request now earns 0.25 at most.
     """
-    candidate = text.strip()
-    if candidate.startswith("<tool_call>"):
-        candidate = candidate.removeprefix("<tool_call>").strip()
-        candidate = candidate.replace("</tool_call>", "", 1)
-    if candidate.startswith("```"):
-        candidate = candidate.removeprefix("```json").removeprefix("```").strip()
-        candidate = candidate.replace("```", "", 1)
-    try:
-        data, end = json.JSONDecoder().raw_decode(candidate)
-    except ValueError:
+    opening = _opening_call(text)
+    if opening is None:
         return 0.0
-    if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("arguments"), dict):
-        return 0.0
+    data, rest = opening
     got = data["arguments"].get(argument)
     right_tool = data["name"] == tool
     right_value = isinstance(got, str) and got.strip().lower() == value.lower()
     reward = 0.25 + 0.25 * right_tool + 0.25 * right_value
-    if (right_tool or right_value) and not candidate[end:].strip():
+    if (right_tool or right_value) and not rest.strip():
         reward += 0.25
     return reward
 

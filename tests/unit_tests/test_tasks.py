@@ -45,3 +45,48 @@ def test_score_turns_scores_text_and_parsed_tool_calls():
     ])
     assert task.score_turns(store) == 2  # the unrelated prompt is not applicable: no score, not 0
     assert {s.turn_id: s.value for s in store.scores(source="rule:tool_call_format")} == {"text": 1.0, "call": 0.75}
+
+
+def test_after_the_tool_answered_a_text_reply_is_paid_and_another_call_is_not():
+    task = ToolCallFormatTask()
+    prompt = task.train[0]
+    call = {"name": prompt.tool, "arguments": {prompt.argument: prompt.value}}
+    after_tool = [*prompt.messages,
+                  {"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"},
+                  {"role": "tool", "content": "It is sunny.", "tool_call_id": "c"}]
+    assert task.reward(prompt.messages, json.dumps(call)) == 1.0
+    assert task.reward(after_tool, json.dumps(call)) == 0.0  # the same call again would loop the agent
+    assert task.reward(after_tool, f"<tool_call>{json.dumps(call)}</tool_call>") == 0.0
+    assert task.reward(after_tool, "<tool_call>{not json") == 0.0
+    assert task.reward(after_tool, "   ") == 0.0
+    assert task.reward(after_tool, "It is sunny there.") == 1.0
+    # a new request after the tool answered an earlier one is a first turn again
+    assert task.reward([*after_tool, *prompt.messages[1:]], json.dumps(call)) == 1.0
+
+
+def test_score_turns_scores_the_turn_after_the_tool_result():
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    task = ToolCallFormatTask()
+    prompt = task.train[0]
+    args = {prompt.argument: prompt.value}
+    messages = messages_to_dict([
+        SystemMessage(prompt.messages[0]["content"]), HumanMessage(prompt.messages[1]["content"]),
+        AIMessage("", tool_calls=[{"name": prompt.tool, "args": args, "id": "c"}]),
+        ToolMessage("It is sunny.", tool_call_id="c"),
+    ])
+    store = TraceStore("sqlite://")
+    t = time.time()
+    base = {"type": "turn", "episode_id": "e", "kind": "llm", "started_at": t, "status": "ok", "input_messages": messages}
+    store.write_records([
+        {"type": "episode_start", "id": "e", "started_at": t},
+        {**base, "id": "again", "seq": 1, "output_message": {"type": "ai", "data": {
+            "content": "", "tool_calls": [{"name": prompt.tool, "args": args, "id": "d"}]}}},
+        {**base, "id": "broken", "seq": 2, "output_message": {"type": "ai", "data": {
+            "content": "Here it is", "invalid_tool_calls": [{"name": None, "args": "{oops", "id": "e",
+                                                             "error": "invalid JSON"}]}}},
+        {**base, "id": "answer", "seq": 3, "output_message": {"type": "ai", "data": {"content": "It is sunny."}}},
+    ])
+    assert task.score_turns(store) == 3
+    assert {s.turn_id: s.value for s in store.scores(source="rule:tool_call_format")} == {
+        "again": 0.0, "broken": 0.0, "answer": 1.0}
