@@ -66,17 +66,14 @@ class DemoReport:
     plot: Path | None = None
 
 
-def _first_answer(result: dict) -> str | None:
-    """The model's first answer in an agent run, a tool call written as the JSON the task asks for."""
+def _answer_text(message: Any) -> str:
+    """An AI message as the text the task scores: its first tool call written as the JSON the task asks for."""
     import json
 
-    first_ai = next((m for m in result["messages"] if m.type == "ai"), None)
-    if first_ai is None:
-        return None
-    if first_ai.tool_calls:
-        call = first_ai.tool_calls[0]
+    if message.tool_calls:
+        call = message.tool_calls[0]
         return json.dumps({"name": call["name"], "arguments": call["args"]})
-    return str(first_ai.content)
+    return str(message.content)
 
 
 def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: Any = None,
@@ -153,10 +150,10 @@ def run_demo(*, train_minutes: float = 8.0, home: Path | None = None, console: A
                 try:
                     result = eval_agent.invoke({"messages": [HumanMessage(prompt.messages[-1]["content"])]},
                                                config={"recursion_limit": 6})
-                    answer = _first_answer(result)
-                    answers[answer] += 1
-                    greedy.append((task.reward(prompt.messages, answer) if answer is not None else None) or 0.0)
                     first = next(m for m in result["messages"] if m.type == "ai")
+                    answer = _answer_text(first)
+                    answers[answer] += 1
+                    greedy.append(task.reward(prompt.messages, answer) or 0.0)
                     report.versions_seen.add(str(first.response_metadata.get("adapter_version")))
                 except Exception:  # e.g. an agent that calls its tool again and again: a failed request
                     greedy.append(0.0)

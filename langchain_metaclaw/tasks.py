@@ -4,8 +4,8 @@
 ``{"name": "<tool>", "arguments": {"<arg>": "<value>"}}`` and nothing else, choosing the tool from the
 list in its system prompt (as an agent sees its tools), and, once the tool has answered, reply in text.
 Out of the box SmolLM2-135M copies the request's example (wrong tool, wrong value) and keeps talking
-after it. Train and held-out prompts use different
-cities, dishes and phrases, so the held-out reward measures the behaviour learned, not memorised answers.
+after it. Train and held-out prompts use different cities, dishes and phrases, so the held-out reward
+measures the behaviour learned, not memorised answers.
 """
 
 from __future__ import annotations
