@@ -5,7 +5,8 @@ Runs, interleaved in one process so machine noise hits every variant alike:
   noop         a handler that does nothing (the cost of LangChain's callback machinery itself)
   langsmith    LangSmith's LangChainTracer pointed at an unreachable endpoint (it only queues)
   metaclaw     MetaClawCallbackHandler on a temporary SQLite store (spool + queue + writer thread)
-Each call sends a 3-message conversation and gets a tool-calling AIMessage back, like an agent turn, and
+Each call sends a 3-message conversation (``--history N``: N messages, as an agent that has made earlier
+tool rounds resends them) and gets a tool-calling AIMessage back, like an agent turn, and
 each call is its own episode (the worst case: the episode's record is written with every call; in an
 agent it is shared by all the turns of an invocation). Rounds of 2000 calls span many of the writer's
 batches (it sleeps 50 ms between them): much shorter rounds would leave its work to the untimed flush.
@@ -15,12 +16,13 @@ Two scenarios:
   io-bound    the model takes --latency-ms like a remote LLM; background work overlaps the wait, so the
               overhead is what the agent's own thread pays
 
-    python benchmarks/capture_overhead.py [--calls 2000] [--rounds 7] [--latency-ms 2]
+    python benchmarks/capture_overhead.py [--calls 2000] [--rounds 7] [--latency-ms 2] [--history 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import random
@@ -30,7 +32,7 @@ import time
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 TARGET_US = 60.0
@@ -68,15 +70,30 @@ MESSAGES = [
 ]
 
 
-def _per_call_us(model, callbacks, calls: int, flush=None) -> tuple[float, float, float]:
+def conversation(length: int) -> list:
+    """``MESSAGES`` followed by earlier tool rounds (question, call, result, answer) up to ``length``
+    messages: an agent resends its whole history, as the same message objects, on every call."""
+    messages = list(MESSAGES)
+    for i in itertools.count():
+        if len(messages) >= length:
+            return messages[:length]
+        messages += [
+            HumanMessage(f"And in city {i}? Same walk, another day."),
+            AIMessage("", tool_calls=[{"name": "search", "args": {"query": f"weather city {i}"}, "id": f"c{i}"}]),
+            ToolMessage(f"Sunny, {18 + i % 10} degrees, light wind from the west.", tool_call_id=f"c{i}"),
+            AIMessage(f"It will be sunny in city {i}, {18 + i % 10} degrees."),
+        ]
+
+
+def _per_call_us(model, callbacks, calls: int, flush=None, messages=MESSAGES) -> tuple[float, float, float]:
     """(wall, agent-thread CPU, whole-process CPU) microseconds per call; process CPU includes the flush of
     everything the calls queued, so background work is charged to the variant that caused it."""
     config = {"callbacks": callbacks} if callbacks else {}
     for _ in range(calls // 10):  # untimed: a variant that follows a long wait (LangSmith's flush) starts cold
-        model.invoke(MESSAGES, config=config)
+        model.invoke(messages, config=config)
     wall, thread, proc = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in range(calls):
-        model.invoke(MESSAGES, config=config)
+        model.invoke(messages, config=config)
     wall, thread = time.perf_counter() - wall, time.thread_time() - thread
     if flush is not None:
         flush()
@@ -89,7 +106,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--latency-ms", type=float, default=2.0)
+    parser.add_argument("--history", type=int, default=len(MESSAGES),
+                        help="messages each call sends (an agent's history grows with every tool round)")
     args = parser.parse_args()
+    messages = conversation(args.history)
 
     os.environ.setdefault("LANGSMITH_TRACING", "false")
     logging.getLogger("langsmith").setLevel(logging.CRITICAL)  # it cannot reach its endpoint, by design
@@ -114,22 +134,24 @@ def main() -> None:
     for scenario, latency, calls in (("cpu-bound", 0.0, args.calls), ("io-bound", args.latency_ms / 1e3, args.calls // 5)):
         model = _FixedModel(latency_s=latency)
         # LangSmith's client serialises and sends from its own thread: drain that queue too, or its leftover
-        # work lands in (and is charged to) whichever variant runs next.
+        # work lands in (and is charged to) whichever variant runs next. With a timeout: its
+        # wait_for_futures() has none, and it once hung a run for 20 minutes after the sender thread stopped.
         flushes = {"metaclaw": lambda: handler.flush(60),
-                   "langsmith": lambda: (tracer.wait_for_futures(), tracer.client.flush(timeout=60))}
+                   "langsmith": lambda: tracer.client.flush(timeout=60)}
         for name, cbs in variants.items():  # warm-up
-            _per_call_us(model, cbs, 100, flushes.get(name))
+            _per_call_us(model, cbs, 100, flushes.get(name), messages)
         samples: dict[str, list[tuple[float, float, float]]] = {k: [] for k in variants}
         order = random.Random(0)
         for _ in range(args.rounds):
             for name in order.sample(list(variants), len(variants)):  # no variant always follows another
-                samples[name].append(_per_call_us(model, variants[name], calls, flushes.get(name)))
+                samples[name].append(_per_call_us(model, variants[name], calls, flushes.get(name), messages))
         med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in samples.items()}
         over = {k: [med[k][i] - med["baseline"][i] for i in range(3)] for k in variants}
         results[scenario] = {k: over[k][0] for k in variants}
         cpu_results[scenario] = {k: over[k][1] for k in variants}
         proc_results[scenario] = {k: over[k][2] for k in variants}
-        print(f"\n[{scenario}] model latency {latency * 1e3:.1f} ms, {calls} calls x {args.rounds} rounds, median; "
+        print(f"\n[{scenario}] model latency {latency * 1e3:.1f} ms, {len(messages)} messages a call, "
+              f"{calls} calls x {args.rounds} rounds, median; "
               "overhead over baseline in us per call")
         print(f"{'variant':<10} {'wall':>9} {'agent-thread CPU':>17} {'process CPU (incl. writer)':>27}")
         for name in variants:

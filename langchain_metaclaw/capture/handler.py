@@ -27,7 +27,6 @@ from langchain_metaclaw.capture._core import (
     extra_metadata,
     graph_fields,
     llm_output_fields,
-    message_to_record,
     tool_result_text,
 )
 from langchain_metaclaw.capture.writer import CaptureStats, SpoolingWriter
@@ -249,7 +248,7 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         fields = llm_output_fields(response)
-        fields["input_messages"] = [message_to_record(m) for m in run.messages or []]
+        fields["input_messages"] = list(run.messages or [])  # the writer encodes them (once per message)
         fields["invocation_params"] = run.invocation_params
         fields.setdefault("model_name", None)
         if not fields.get("model_name") and run.invocation_params:
@@ -262,7 +261,7 @@ class MetaClawCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         fields = {
-            "input_messages": [message_to_record(m) for m in run.messages or []],
+            "input_messages": list(run.messages or []),
             "invocation_params": run.invocation_params,
             "tokens_source": None,
         }

@@ -329,6 +329,49 @@ def test_secrets_never_reach_the_spool_or_the_store_from_any_field(store, monkey
     assert store.episodes()[0].thread_id == "session-[REDACTED]"
 
 
+def test_history_is_captured_as_it_was_at_each_call(store, handler):
+    """The writer remembers the text of each input message for as long as the object lives (an agent
+    resends its history as the same objects). A field set anew between two calls, a new object at a freed
+    object's address, and list content must all still be captured as the model saw them."""
+    import copy
+    import gc
+
+    import orjson
+
+    from langchain_metaclaw.capture._core import message_to_record
+
+    model = ScriptedChatModel(script=[AIMessage(f"answer {i}") for i in range(12)])
+    history = [HumanMessage("what is the weather?"),
+               AIMessage("", tool_calls=[tool_call("get_weather", {"city": "Paris"}, "c1")])]
+    seen = []
+
+    def call(messages):
+        seen.append(copy.deepcopy(messages))
+        model.invoke(messages, config={"callbacks": [handler]})
+
+    call(history)
+    call(history)
+    history[0].content = "what is the weather in Lyon?"
+    history[1].tool_calls = [tool_call("get_weather", {"city": "Lyon"}, "c2")]
+    call(history)
+    history.append(HumanMessage(content=[{"type": "text", "text": "and a picture"}]))
+    call(history)
+    history[2].content.append({"type": "text", "text": "in colour"})  # list content changed in place
+    call(history)
+    for i in range(7):  # short-lived messages: CPython reuses a freed object's address
+        call([HumanMessage(f"question {i}")])
+        gc.collect()
+    assert handler.flush(10)
+
+    turns = sorted(store.turns(kind="llm"), key=lambda t: t.started_at)
+    assert len(turns) == len(seen) == 12
+    for turn, messages in zip(turns, seen, strict=True):
+        assert turn.input_messages == orjson.loads(orjson.dumps([message_to_record(m) for m in messages]))
+    assert turns[2].input_messages[0]["data"]["content"] == "what is the weather in Lyon?"
+    assert turns[2].input_messages[1]["data"]["tool_calls"][0]["args"] == {"city": "Lyon"}
+    assert len(turns[4].input_messages[2]["data"]["content"]) == 2
+
+
 def test_a_broken_redact_hook_never_breaks_the_agent(store):
     def explode(record):
         raise KeyError("oops")
