@@ -114,15 +114,15 @@ def _redacted(record: dict[str, Any]) -> dict[str, Any]:
 
 
 _message_texts: dict[int, tuple[weakref.ref[BaseMessage], tuple[Any, ...], str]] = {}
-"""Input message object id -> (the message, its field values when encoded, its redacted JSON text)."""
+"""Input message object id -> (a weak reference to it, its field values when encoded, its redacted JSON text)."""
 
 
 def _messages_json(messages: list[Any]) -> str:
     """JSON text of a list of input messages, each redacted, and remembered for as long as its object lives.
 
     An agent resends its whole history on every call, as the same message objects, so without this
-    every call would convert, serialise and look up every earlier message again (~1 us each: +25 us a
-    call at 30 messages). A text is reused while the object's field values are the same objects (or
+    every call would convert, serialise and look up every earlier message again: ~1 us each, against
+    ~0.3 us for a remembered one. A text is reused while the object's field values are the same objects (or
     equal ones): a field set anew is seen, a dict or list changed in place is not, so a message whose
     content is a list (multimodal parts) is never remembered. Dicts (what a user's ``redact=`` hook
     returns) are encoded each time.
@@ -167,8 +167,7 @@ def _encode(record: dict[str, Any]) -> str:
     as is; only a record with a marker goes field by field through :func:`_redacted`. Two kinds of bulky
     field stay out of that pass and are spliced into the text after it: the input messages, which a
     conversation resends on every call, are encoded and scanned once per message object
-    (:func:`_messages_json`); token ids and logprobs
-    (thousands of numbers) are never scanned.
+    (:func:`_messages_json`); token ids and logprobs (thousands of numbers) are never scanned.
     """
     spliced = [key for key in _SPLICED if record.get(key) is not None]
     if spliced:
