@@ -122,10 +122,11 @@ def _messages_json(messages: list[Any]) -> str:
 
     An agent resends its whole history on every call, as the same message objects, so without this
     every call would convert, serialise and look up every earlier message again: ~1 us each, against
-    ~0.3 us for a remembered one. A text is reused while the object's field values are the same objects (or
-    equal ones): a field set anew is seen, a dict or list changed in place is not, so a message whose
-    content is a list (multimodal parts) is never remembered. Dicts (what a user's ``redact=`` hook
-    returns) are encoded each time.
+    ~0.3 us for a remembered one. A text is reused while the object's field values are the same
+    objects (or equal ones): a field set anew is seen, a dict or list changed in place is not. So a
+    message whose content is a list (multimodal parts) is never remembered; an in-place edit of a
+    remembered message's ``additional_kwargs`` or ``tool_calls`` would go unseen. Dicts (what a user's
+    ``redact=`` hook returns) are encoded each time.
     """
     texts = _message_texts
     parts = []
