@@ -363,7 +363,7 @@ def test_history_is_captured_as_it_was_at_each_call(store, handler):
         gc.collect()
     assert handler.flush(10)
 
-    turns = sorted(store.turns(kind="llm"), key=lambda t: t.started_at)
+    turns = store.turns(kind="llm")  # in call order (started_at, then seq)
     assert len(turns) == len(seen) == 12
     for turn, messages in zip(turns, seen, strict=True):
         assert turn.input_messages == orjson.loads(orjson.dumps([message_to_record(m) for m in messages]))
