@@ -35,15 +35,19 @@ _KEYED = re.compile(
 )
 _SECRETS = re.compile("|".join(f"(?:{p})" for p in SECRET_PATTERNS))
 
-# Every pattern above contains one of these (lower-cased). One Aho-Corasick pass finds them all (~0.5 us for
-# 300 characters, 1 us per KB; 25 substring tests cost 8x that), so text with none of them (nearly all text)
-# skips the regex pass, which costs ~30 us per KB.
+# Every pattern above contains one of these (lower-cased). One Aho-Corasick pass finds them all, so text with
+# none of them (nearly all text) skips the regex pass, which costs ~30 us per KB. Leftmost-first matching runs
+# the automaton's SIMD prefilter (standard matching does not) and bytes skip the str-offset bookkeeping: 0.4 us
+# per KB of ASCII text, against 2.2 us for standard matching on str.
 _MARKERS = (
     "sk-", "tml-", "akia", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "hf_", "aiza", "eyj", "bearer ",
     "basic ", "api_key", "api-key", "apikey", "secret", "password", "passwd", "access_token", "access-token",
     "auth_token", "auth-token",
 )
-_MARKER_SEARCH = ahocorasick_rs.AhoCorasick(list(_MARKERS))
+_MARKER_SEARCH = ahocorasick_rs.AhoCorasick(list(_MARKERS), matchkind=ahocorasick_rs.MatchKind.LeftmostFirst)
+_ASCII_MARKER_SEARCH = ahocorasick_rs.BytesAhoCorasick(
+    [m.encode() for m in _MARKERS], matchkind=ahocorasick_rs.MatchKind.LeftmostFirst
+)
 
 
 _SHORTEST_MATCH = 11
@@ -52,7 +56,11 @@ _SHORTEST_MATCH = 11
 
 def may_hold_secret(text: str) -> bool:
     """``False`` when no pattern can match ``text`` (one pass; nearly all text)."""
-    return len(text) >= _SHORTEST_MATCH and bool(_MARKER_SEARCH.find_matches_as_indexes(text.lower()))
+    if len(text) < _SHORTEST_MATCH:
+        return False
+    if text.isascii():  # bytes.lower() folds ASCII only: non-ASCII text takes str.lower() (Kelvin sign -> k)
+        return bool(_ASCII_MARKER_SEARCH.find_matches_as_indexes(text.encode().lower()))
+    return bool(_MARKER_SEARCH.find_matches_as_indexes(text.lower()))
 
 
 def redact_text(text: str) -> str:

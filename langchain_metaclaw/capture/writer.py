@@ -113,8 +113,9 @@ def _redacted(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_message_texts: dict[int, tuple[weakref.ref[BaseMessage], tuple[Any, ...], str]] = {}
-"""Input message object id -> (a weak reference to it, its field values when encoded, its redacted JSON text)."""
+_message_texts: dict[int, tuple[weakref.ref[BaseMessage], dict[str, Any], str]] = {}
+"""Input message object id -> (a weak reference to it, a copy of its fields when encoded, its redacted JSON
+text). The reference's callback drops the entry when the message is freed, before its id can be reused."""
 
 
 def _messages_json(messages: list[Any]) -> str:
@@ -122,7 +123,7 @@ def _messages_json(messages: list[Any]) -> str:
 
     An agent resends its whole history on every call, as the same message objects, so without this
     every call would convert, serialise and look up every earlier message again: ~1 us each, against
-    ~0.3 us for a remembered one. A text is reused while the object's field values are the same
+    ~0.15 us for a remembered one. A text is reused while the object's field values are the same
     objects (or equal ones): a field set anew is seen, a dict or list changed in place is not. So a
     message whose content is a list (multimodal parts) is never remembered; an in-place edit of a
     remembered message's ``additional_kwargs`` or ``tool_calls`` would go unseen. Dicts (what a user's
@@ -131,20 +132,18 @@ def _messages_json(messages: list[Any]) -> str:
     texts = _message_texts
     parts = []
     for message in messages:
+        key = id(message)
+        known = texts.get(key)  # an entry's message is alive, so it is this one: no isinstance needed
+        if known is not None and known[1] == message.__dict__:
+            parts.append(known[2])
+            continue
         if not isinstance(message, BaseMessage):
             parts.append(_redact(_dumps(message)))
             continue
-        key = id(message)
-        fields = tuple(message.__dict__.values())
-        known = texts.get(key)
-        if known is not None and known[1] == fields and known[0]() is message:
-            parts.append(known[2])
-            continue
         text = _redact(_dumps(message_to_record(message)))
         if isinstance(message.content, str) and len(text) <= _CACHED_TEXT:
-            # The entry goes when the message does, before its id can be reused.
             ref = weakref.ref(message, lambda _, key=key: texts.pop(key, None))
-            texts[key] = (ref, fields, text)
+            texts[key] = (ref, dict(message.__dict__), text)
         parts.append(text)
     return f"[{','.join(parts)}]"
 
