@@ -44,8 +44,7 @@ _MARKERS = (
     "basic ", "api_key", "api-key", "apikey", "secret", "password", "passwd", "access_token", "access-token",
     "auth_token", "auth-token",
 )
-_MARKER_SEARCH = ahocorasick_rs.AhoCorasick(list(_MARKERS), matchkind=ahocorasick_rs.MatchKind.LeftmostFirst)
-_ASCII_MARKER_SEARCH = ahocorasick_rs.BytesAhoCorasick(
+_MARKER_SEARCH = ahocorasick_rs.BytesAhoCorasick(
     [m.encode() for m in _MARKERS], matchkind=ahocorasick_rs.MatchKind.LeftmostFirst
 )
 
@@ -58,9 +57,9 @@ def may_hold_secret(text: str) -> bool:
     """``False`` when no pattern can match ``text`` (one pass; nearly all text)."""
     if len(text) < _SHORTEST_MATCH:
         return False
-    if text.isascii():  # bytes.lower() folds ASCII only: non-ASCII text takes str.lower() (Kelvin sign -> k)
-        return bool(_ASCII_MARKER_SEARCH.find_matches_as_indexes(text.encode().lower()))
-    return bool(_MARKER_SEARCH.find_matches_as_indexes(text.lower()))
+    # bytes.lower() folds ASCII only; str.lower() also folds the Kelvin sign to k, as the (?i) key pattern does
+    folded = text.encode().lower() if text.isascii() else text.lower().encode()
+    return bool(_MARKER_SEARCH.find_matches_as_indexes(folded))
 
 
 def redact_text(text: str) -> str:
