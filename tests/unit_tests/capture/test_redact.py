@@ -1,5 +1,5 @@
 """Secret redaction: every built-in pattern is caught, whatever the case of its marker and whatever the
-rest of the text is made of (the marker scan takes a bytes path for ASCII text and a str path otherwise)."""
+rest of the text is made of (the marker scan folds ASCII text as bytes, other text with ``str.lower()``)."""
 
 from __future__ import annotations
 
