@@ -29,7 +29,7 @@ Endpoints
     logits. ``prompt_logprobs`` and ``n > 1`` are refused with 400.
 
     Tools are rendered into the system prompt exactly as :class:`MetaClawChatModel` does locally
-    (:func:`~langchain_metaclaw.chat_model._convert.convert_messages`), so a request through this server
+    (:func:`~langchain_metaclaw.messages.convert_messages`), so a request through this server
     gives the same tokens as the same request in process. ``tool_choice="none"`` leaves the tools out of the
     prompt. A tool-call block whose arguments do not parse is returned as a tool call with the raw
     ``arguments`` string (clients such as langchain-openai turn it into an ``invalid_tool_call``); a block
@@ -73,14 +73,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from langchain_metaclaw._compat import require
-from langchain_metaclaw.chat_model._convert import (
+from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
+from langchain_metaclaw.errors import AdapterError, ConfigurationError
+from langchain_metaclaw.messages import (
+    content_text,
     convert_messages,
     forced_tool_schema,
+    normalize_tool_choice,
     parse_tool_call_json,
     parse_tool_calls,
 )
-from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
-from langchain_metaclaw.errors import AdapterError, ConfigurationError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -224,21 +226,10 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
 
 def _text_content(content: Any, role: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"Content part of type {kind!r} in a {role} message is not supported "
-                                    "(text only).", "InvalidUserInput", "messages")
-        return "".join(parts)
-    raise APIError(400, f"Invalid content in a {role} message.", "InvalidUserInput", "messages")
+    try:
+        return content_text(content, non_text="raise")
+    except ValueError as exc:
+        raise APIError(400, f"Invalid {role} message: {exc}.", "InvalidUserInput", "messages") from exc
 
 
 def _to_langchain(messages: list[dict[str, Any]]) -> list[Any]:
@@ -423,18 +414,11 @@ class _Server:
                                 "logprob only.", "InvalidUserInput", "top_logprobs")
         adapter = self.resolve_model(req.model)
         tools = _check_tools(req.tools) if req.tools else None
-        choice = req.tool_choice
-        forced: str | None = None
-        if isinstance(choice, dict):
-            forced = (choice.get("function") or {}).get("name") or choice.get("name")
-            if not forced:
-                raise APIError(400, "tool_choice must name a function.", "InvalidUserInput", "tool_choice")
-        elif choice == "required":
-            forced = "required"
-        elif choice not in (None, "auto", "none"):
-            raise APIError(400, f"Invalid tool_choice {choice!r}.", "InvalidUserInput", "tool_choice")
-        if forced and not tools:
-            raise APIError(400, "When using `tool_choice`, `tools` must be set.", "InvalidUserInput", "tool_choice")
+        try:
+            choice = normalize_tool_choice(req.tool_choice, tools)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "InvalidUserInput", "tool_choice") from exc
+        forced = choice if choice not in (None, "none") else None
         if choice == "none":
             tools = None
         json_schema = _json_schema(req)
@@ -442,10 +426,7 @@ class _Server:
             if json_schema is not None:
                 raise APIError(400, "A forced tool_choice and response_format cannot be combined.",
                                "InvalidUserInput")
-            try:
-                json_schema = forced_tool_schema(tools, forced)
-            except ValueError as exc:
-                raise APIError(400, str(exc), "InvalidUserInput", "tool_choice") from exc
+            json_schema = forced_tool_schema(tools, forced)
         stop = [req.stop] if isinstance(req.stop, str) else (list(req.stop) if req.stop else None)
         messages = convert_messages(_to_langchain(req.messages), tools)
         request = CompletionRequest(

@@ -85,14 +85,14 @@ class ToolCallFormatTask:
         """
         from langchain_core.messages import messages_from_dict
 
-        from langchain_metaclaw.chat_model._convert import convert_messages
+        from langchain_metaclaw.messages import content_text, convert_messages
 
         scored = 0
         for turn in store.turns(kind="llm"):
             if turn.output_message is None:
                 continue
             out = turn.output_message["data"]
-            text = out.get("content") or ""
+            text = content_text(out.get("content"))
             if out.get("tool_calls"):
                 call = out["tool_calls"][0]
                 text = json.dumps({"name": call["name"], "arguments": call["args"]})

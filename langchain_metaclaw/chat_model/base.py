@@ -50,15 +50,16 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_metaclaw.adapters import AdapterRegistry
 from langchain_metaclaw.capture._core import METACLAW_METADATA_KEY
-from langchain_metaclaw.chat_model._convert import (
+from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest, ServingBackend
+from langchain_metaclaw.errors import AdapterError, ConfigurationError
+from langchain_metaclaw.messages import (
     convert_messages,
     create_usage_metadata,
     forced_tool_schema,
+    normalize_tool_choice,
     parse_tool_call_json,
     parse_tool_calls,
 )
-from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest, ServingBackend
-from langchain_metaclaw.errors import AdapterError, ConfigurationError
 from langchain_metaclaw.store.records import AdapterVersion
 from langchain_metaclaw.store.trace_store import TraceStore
 
@@ -419,20 +420,15 @@ class MetaClawChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (any LangChain tool form); ``tool_choice`` = name, ``"any"``/``"required"``, or ``"auto"``."""
         formatted = [convert_to_openai_tool(t) for t in tools]
-        if isinstance(tool_choice, dict):
-            tool_choice = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
-        if tool_choice in ("auto", "none", False):
-            tool_choice = None if tool_choice == "auto" else tool_choice
-        if tool_choice not in (None, "none", False):
-            forced_tool_schema(formatted, tool_choice)  # fail now on a name that is not bound
-        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+        choice = normalize_tool_choice(tool_choice, formatted)  # fails now on a name that is not bound
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     # ------------------------------------------------------------------ generation
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> CompletionRequest:
         tools = kwargs.get("tools")
-        choice = kwargs.get("tool_choice")
-        if choice in ("none", False):
+        choice = normalize_tool_choice(kwargs.get("tool_choice"), tools)
+        if choice == "none":
             tools, choice = None, None
         json_schema = forced_tool_schema(tools, choice) if tools and choice is not None else None
         max_tokens = kwargs.get("max_tokens") or self.max_tokens or 256

@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
+from langchain_metaclaw.messages import content_text
 from langchain_metaclaw.scoring.judge import JUDGE_TAG
 
 if TYPE_CHECKING:
@@ -92,26 +93,6 @@ class TurnEvidence(TypedDict):
 # ---------------------------------------------------------------------------------------------- messages
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, Mapping):
-                kind = block.get("type")
-                if kind == "text" or "text" in block:
-                    parts.append(str(block.get("text", "")))
-                elif kind:
-                    parts.append(f"[{kind}]")
-        return "\n".join(p for p in parts if p)
-    return str(content)
-
-
 def _tool_calls(calls: Any) -> list[dict[str, Any]]:
     out = []
     for call in calls or []:
@@ -142,7 +123,7 @@ def message_view(message: Any) -> MessageView:
         }
     else:
         kind, data = "human", {"content": str(message)}
-    view = MessageView(role=_ROLES.get(kind, kind), content=_content_text(data.get("content")))
+    view = MessageView(role=_ROLES.get(kind, kind), content=content_text(data.get("content"), non_text="mark"))
     calls = _tool_calls(data.get("tool_calls"))
     if calls:
         view["tool_calls"] = calls

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.messages import content_text
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -181,24 +182,9 @@ def parse_judge_answer(text: str) -> tuple[float | None, VoteOutcome]:
     return None, "unparseable"
 
 
-def _answer_text(message: Any) -> str:
-    content = getattr(message, "content", message)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    return str(content)
-
-
 def _interpret(message: Any) -> tuple[float | None, VoteOutcome, str]:
     """(value, outcome, text) of a judge's reply message."""
-    text = _answer_text(message)
+    text = content_text(getattr(message, "content", message))
     if isinstance(message, AIMessage):
         refusal = message.additional_kwargs.get("refusal")
         finish = (message.response_metadata or {}).get("finish_reason")

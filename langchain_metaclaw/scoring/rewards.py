@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.messages import content_text
 
 if TYPE_CHECKING:
     from langchain_metaclaw.store.records import Episode, Turn
@@ -156,13 +157,6 @@ def _output(turn: Turn) -> Mapping[str, Any]:
     return message.get("data", message) if isinstance(message, Mapping) else {}
 
 
-def _text(turn: Turn) -> str:
-    content = _output(turn).get("content")
-    if isinstance(content, list):
-        return "".join(b.get("text", "") if isinstance(b, Mapping) else str(b) for b in content)
-    return content if isinstance(content, str) else ""
-
-
 def tool_call_succeeded(turn: Turn, episode: Episode | None, *, context: RuleContext) -> float | None:
     """+1 when every tool call of the turn ran without error, -1 when one failed or was malformed.
 
@@ -206,7 +200,7 @@ def json_valid_reward(schema: Mapping[str, Any] | None = None) -> RewardFn:
         validator = cls(schema)
 
     def json_valid(turn: Turn, episode: Episode | None) -> float | None:
-        text = _text(turn).strip()
+        text = content_text(_output(turn).get("content")).strip()
         if not text:
             return None
         fenced = _FENCE_RE.match(text)

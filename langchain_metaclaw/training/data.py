@@ -163,7 +163,7 @@ def retokenize(sample: Sample, tokenizer: Any) -> tuple[list[int], list[int]]:
     """Prompt and completion ids of a sample without engine tokens, with the trainer's tokenizer."""
     from langchain_core.messages import messages_from_dict
 
-    from langchain_metaclaw.chat_model._convert import convert_messages
+    from langchain_metaclaw.messages import convert_messages
 
     chat = convert_messages(messages_from_dict(sample.messages))
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)

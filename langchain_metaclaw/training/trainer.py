@@ -198,7 +198,7 @@ class Trainer:
     def _chat(sample: Sample) -> list[dict[str, Any]]:
         from langchain_core.messages import messages_from_dict
 
-        from langchain_metaclaw.chat_model._convert import convert_messages
+        from langchain_metaclaw.messages import convert_messages
 
         return convert_messages(messages_from_dict(sample.messages)) if sample.messages else []
 

@@ -272,7 +272,7 @@ def scripted(served: Served) -> Iterator[Any]:
 def test_tool_calls_in_openai_shape(scripted: Any) -> None:
     from langchain_core.messages import HumanMessage
 
-    from langchain_metaclaw.chat_model._convert import convert_messages, forced_tool_schema
+    from langchain_metaclaw.messages import convert_messages, forced_tool_schema
 
     backend, client = scripted('{"name": "now", "arguments": {}}')
     forced = {"type": "function", "function": {"name": "now"}}

@@ -49,9 +49,9 @@ from langchain_core.messages.tool import invalid_tool_call
 from langchain_core.messages.tool import tool_call as make_tool_call
 from pydantic import SecretStr
 
-from langchain_metaclaw.chat_model._convert import TOOLS_SYSTEM_TEMPLATE, forced_tool_schema
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
+from langchain_metaclaw.messages import TOOLS_SYSTEM_TEMPLATE, forced_tool_schema
 
 __all__ = ["OpenAIServingBackend"]
 

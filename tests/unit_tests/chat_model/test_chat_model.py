@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field
 
 from langchain_metaclaw.adapters import AdapterRegistry
 from langchain_metaclaw.capture.handler import MetaClawCallbackHandler
-from langchain_metaclaw.chat_model._convert import convert_messages
 from langchain_metaclaw.chat_model.base import MetaClawChatModel
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.messages import convert_messages
 from langchain_metaclaw.store.trace_store import TraceStore
 from tests.fixtures.chat import ADAPTER_PROMPT, serving_engine  # noqa: F401 (fixture)
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessageChunk, HumanMessage
 
-from langchain_metaclaw.chat_model._convert import convert_messages, forced_tool_schema
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
 from langchain_metaclaw.errors import AdapterError
+from langchain_metaclaw.messages import convert_messages, forced_tool_schema
 from tests.fixtures import server as server_fixtures
 from tests.fixtures.model import ADAPTER_PROMPT
 from tests.fixtures.server import Served, running, uvicorn_server

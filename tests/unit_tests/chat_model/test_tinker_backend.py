@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from langchain_core.messages import HumanMessage
 
-from langchain_metaclaw.chat_model._convert import convert_messages
 from langchain_metaclaw.chat_model.backends.base import CompletionRequest
 from langchain_metaclaw.errors import AdapterError, BackendUnavailableError, ConfigurationError
+from langchain_metaclaw.messages import convert_messages
 
 BASE = "Qwen/Qwen3-4B-Instruct-2507"
 SAMPLER_PATH = "tinker://run-1:train:0/sampler_weights/step-10"

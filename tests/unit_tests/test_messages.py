@@ -1,4 +1,4 @@
-"""The pure converters of ``chat_model/_convert.py``: every role both ways, tool-call text, malformed calls.
+"""The pure converters of ``messages.py``: content as text, every role both ways, tool-call text, tool_choice.
 
 No model is loaded: these run in milliseconds.
 """
@@ -18,13 +18,15 @@ from langchain_core.messages import (
 )
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from langchain_metaclaw.chat_model._convert import (
+from langchain_metaclaw.messages import (
     TOOLS_SYSTEM_TEMPLATE,
+    content_text,
     convert_dict_to_message,
     convert_message_to_dict,
     convert_messages,
     create_usage_metadata,
     forced_tool_schema,
+    normalize_tool_choice,
     parse_tool_call_json,
     parse_tool_calls,
     render_tool_call,
@@ -238,3 +240,85 @@ def test_server_parsed_malformed_tool_calls_become_invalid_tool_calls():
     assert message.tool_calls == [good]
     assert [c["args"] for c in message.invalid_tool_calls] == ['{"city": Par']
     assert message.response_metadata["metaclaw"]["tokens_source"] == "retokenized"
+
+
+# ------------------------------------------------------------------------------------------ content_text
+
+IMAGE = {"type": "image_url", "image_url": {"url": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, ""),
+        ("plain", "plain"),
+        ([], ""),
+        (["a", "b"], "ab"),
+        ([{"type": "text", "text": "Hello "}, "world"], "Hello world"),
+        ([{"text": "untyped"}], "untyped"),
+        ([{"type": "text", "text": "see "}, IMAGE, {"type": "tool_use", "id": "t"}], "see "),
+        (42, "42"),
+    ],
+)
+def test_content_text_keeps_text_and_skips_other_blocks(content: object, expected: str) -> None:
+    assert content_text(content) == expected
+
+
+def test_content_text_agrees_with_langchain_message_text() -> None:
+    blocks = [{"type": "text", "text": "one "}, "two", IMAGE, {"type": "text", "text": " three"}]
+    assert content_text(blocks) == AIMessage(content=blocks).text
+
+
+def test_content_text_marks_non_text_blocks_for_a_reader() -> None:
+    assert content_text(["look:", IMAGE, {"type": "reasoning"}], non_text="mark") == "look:[image_url][reasoning]"
+    assert content_text([3], non_text="mark") == "[int]"
+
+
+def test_content_text_raise_names_the_block_type() -> None:
+    assert content_text([{"type": "text", "text": "ok"}], non_text="raise") == "ok"
+    with pytest.raises(ValueError, match="'image_url' is not supported"):
+        content_text(["a", IMAGE], non_text="raise")
+    with pytest.raises(ValueError, match="string or a list"):
+        content_text({"type": "text", "text": "not in a list"}, non_text="raise")
+
+
+# ------------------------------------------------------------------------------------------ tool_choice
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        (None, None),
+        ("auto", None),
+        ("none", "none"),
+        (False, "none"),
+        ("required", "required"),
+        ("any", "required"),
+        (True, "required"),
+        ("get_weather", "get_weather"),
+        ({"type": "function", "function": {"name": "get_weather"}}, "get_weather"),
+        ({"name": "no_args"}, "no_args"),
+    ],
+)
+def test_normalize_tool_choice_spellings(choice: object, expected: str | None) -> None:
+    assert normalize_tool_choice(choice, TOOLS) == expected
+
+
+def test_normalize_tool_choice_without_forcing_needs_no_tools() -> None:
+    assert normalize_tool_choice("auto", None) is None
+    assert normalize_tool_choice("none", []) == "none"
+
+
+@pytest.mark.parametrize(
+    ("choice", "tools", "error"),
+    [
+        ({"type": "function", "function": {}}, "TOOLS", "must name a function"),
+        (3, "TOOLS", "Invalid tool_choice 3"),
+        ("required", None, "`tools` must be set"),
+        ("get_weather", [], "`tools` must be set"),
+        ("nope", "TOOLS", "names no bound tool"),
+    ],
+)
+def test_normalize_tool_choice_errors(choice: object, tools: object, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        normalize_tool_choice(choice, TOOLS if tools == "TOOLS" else tools)

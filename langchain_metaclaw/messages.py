@@ -1,9 +1,10 @@
-"""Message conversion between LangChain and chat-template dicts, and tool-call text <-> tool calls.
+"""Messages between every stage: content as text, LangChain <-> chat-template dicts, tool calls, ``tool_choice``.
 
-Pure functions, shared by every serving backend and tested directly (the ``langchain-openai`` layout).
-Models whose chat template has no tool support (SmolLM2's) see tools as a system-prompt block and answer
-with Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; a block that does not parse
-becomes an ``invalid_tool_call``, never an exception.
+The one home for reading a message (capture, scoring, training, serving and the server all use it), so a
+message means the same thing at every stage. Pure functions, tested directly (the ``langchain-openai``
+layout). Models whose chat template has no tool support (SmolLM2's) see tools as a system-prompt block and
+answer with Hermes-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; a block that does not
+parse becomes an ``invalid_tool_call``, never an exception.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from langchain_core.messages import (
     AIMessage,
@@ -35,16 +36,96 @@ TOOLS_SYSTEM_TEMPLATE = (
 )
 
 
-def _text(content: Any) -> str:
+NonText = Literal["skip", "mark", "raise"]
+"""What :func:`content_text` does with a content block that is not text."""
+
+
+def _block_text(block: Any) -> str | None:
+    """A block's text, or ``None`` when it is not a text block (an image, a tool use, reasoning...)."""
+    if isinstance(block, str):
+        return block
+    if isinstance(block, Mapping) and block.get("type", "text") == "text" and isinstance(block.get("text"), str):
+        return block["text"]
+    return None
+
+
+def content_text(content: Any, *, non_text: NonText = "skip") -> str:
+    """The text of a message's ``content``: the one rule every stage reads content by.
+
+    ``None`` is ``""`` and a string is itself. A list of content blocks gives its strings and the ``text``
+    of its text blocks (``{"type": "text", "text": ...}``, or a block with only a ``text``), joined with
+    nothing in between, as langchain-core's ``BaseMessage.text`` does. Any other block (an image, a tool
+    use, reasoning) is, by ``non_text``:
+
+    - ``"skip"``: left out (what a text-only chat template, a reward rule or a judge's answer wants);
+    - ``"mark"``: written as ``[<type>]``, so a reader (the PRM judge) knows something was there;
+    - ``"raise"``: refused with a ``ValueError`` that names the block's type (the server answers 400).
+
+    Content of any other type is ``str(content)``, or a ``ValueError`` under ``"raise"``.
+
+    >>> content_text([{"type": "text", "text": "Hello "}, "world", {"type": "image_url", "image_url": {}}])
+    'Hello world'
+    >>> content_text(["See", {"type": "image_url", "image_url": {}}], non_text="mark")
+    'See[image_url]'
+    """
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        if non_text == "raise":
+            msg = f"content must be a string or a list of content blocks, got {type(content).__name__}"
+            raise ValueError(msg)
+        return str(content)
     parts = []
-    for block in content or []:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(block.get("text", ""))
+    for block in content:
+        text = _block_text(block)
+        if text is None:
+            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+            if non_text == "raise":
+                msg = f"content block of type {kind!r} is not supported (text only)"
+                raise ValueError(msg)
+            text = f"[{kind}]" if non_text == "mark" else ""
+        parts.append(text)
     return "".join(parts)
+
+
+def normalize_tool_choice(tool_choice: Any, tools: Sequence[Mapping[str, Any]] | None) -> str | None:
+    """Every spelling of ``tool_choice`` (LangChain's and OpenAI's) as one value; the one place that reads it.
+
+    Returns ``None`` when the model chooses (no choice, ``"auto"``), ``"none"`` when tools are hidden from
+    it (``"none"``, ``False``), ``"required"`` for one call to any bound tool (``"required"``, ``"any"``,
+    ``True``), else the name of the tool it must call (the name, or ``{"type": "function", "function":
+    {"name": ...}}``). A forced choice needs ``tools`` (OpenAI schemas) and must name one of them.
+
+    Raises:
+        ValueError: a dict that names no function, a value of no known form, a forced choice without
+            tools, or a name no bound tool has. The message is what an API user should read.
+    """
+    if tool_choice in (None, "auto"):
+        return None
+    if tool_choice in ("none", False):
+        return "none"
+    if tool_choice in ("required", "any", True):
+        choice = "required"
+    elif isinstance(tool_choice, Mapping):
+        choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if not isinstance(choice, str) or not choice:
+            msg = "tool_choice must name a function."
+            raise ValueError(msg)
+    elif isinstance(tool_choice, str):
+        choice = tool_choice
+    else:
+        msg = f"Invalid tool_choice {tool_choice!r}."
+        raise ValueError(msg)
+    if not tools:
+        msg = "When using `tool_choice`, `tools` must be set."
+        raise ValueError(msg)
+    names = [t["function"]["name"] for t in tools]
+    if choice != "required" and choice not in names:
+        msg = f"tool_choice {choice!r} names no bound tool (bound: {names})"
+        raise ValueError(msg)
+    return choice
 
 
 def render_tool_call(call: ToolCall | dict[str, Any]) -> str:
@@ -54,17 +135,17 @@ def render_tool_call(call: ToolCall | dict[str, Any]) -> str:
 def convert_message_to_dict(message: BaseMessage) -> dict[str, Any]:
     """A LangChain message as a chat-template dict (``role``/``content`` strings, tool calls as text)."""
     if isinstance(message, SystemMessage):
-        return {"role": "system", "content": _text(message.content)}
+        return {"role": "system", "content": content_text(message.content)}
     if isinstance(message, HumanMessage):
-        return {"role": "user", "content": _text(message.content)}
+        return {"role": "user", "content": content_text(message.content)}
     if isinstance(message, AIMessage):
-        content = _text(message.content)
+        content = content_text(message.content)
         calls = "".join(render_tool_call(tc) for tc in message.tool_calls)
         return {"role": "assistant", "content": (content + ("\n" if content and calls else "") + calls)}
     if isinstance(message, ToolMessage):
-        return {"role": "tool", "content": _text(message.content), "tool_call_id": message.tool_call_id}
+        return {"role": "tool", "content": content_text(message.content), "tool_call_id": message.tool_call_id}
     if isinstance(message, ChatMessage):
-        return {"role": message.role, "content": _text(message.content)}
+        return {"role": message.role, "content": content_text(message.content)}
     msg = f"Unsupported message type {type(message).__name__}"
     raise TypeError(msg)
 
@@ -76,7 +157,7 @@ def convert_dict_to_message(message: dict[str, Any], tool_names: set[str] | None
     them); a block that does not parse becomes an ``invalid_tool_call``, never an exception.
     """
     role = message.get("role")
-    content = _text(message.get("content"))
+    content = content_text(message.get("content"))
     if role == "system":
         return SystemMessage(content=content)
     if role == "user":
