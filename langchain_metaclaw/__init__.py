@@ -6,8 +6,9 @@ Importing this package is cheap: every public name is resolved on first use (the
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from langchain_metaclaw._compat import lazy_exports
 
 if TYPE_CHECKING:
     from langchain_metaclaw.adapters import AdapterRegistry
@@ -46,15 +47,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _dynamic_imports.get(name)
-    if module is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return list(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _dynamic_imports)

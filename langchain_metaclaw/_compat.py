@@ -1,16 +1,20 @@
-"""Cheap, cached checks for optional dependencies (the ``peft.import_utils`` pattern).
+"""Cheap, cached checks for optional dependencies (the ``peft.import_utils`` pattern), and lazy exports.
 
 Heavy packages (torch, transformers, peft, tinker) are imported only inside the code that needs them, so
 ``import langchain_metaclaw`` stays light. :func:`require` turns a missing module into a
-:class:`~langchain_metaclaw.errors.BackendUnavailableError` that names the extra to install.
+:class:`~langchain_metaclaw.errors.BackendUnavailableError` that names the extra to install;
+:func:`lazy_exports` lets a package export names whose modules load on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 from langchain_metaclaw.errors import BackendUnavailableError
 
@@ -47,3 +51,32 @@ def require(module: str, *, backend: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise BackendUnavailableError(backend, extra, missing=module) from exc
+
+
+def lazy_exports(
+    package: str, dynamic_imports: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """The PEP 562 ``__getattr__`` and ``__dir__`` of a package whose exports load on first use.
+
+    ``dynamic_imports`` maps each lazy name to the submodule of ``package`` that defines it. The first
+    access imports that submodule and caches the value in the package's namespace, so later reads are
+    plain attribute reads; ``dir()`` lists the package's ``__all__``. This is langchain-core's
+    ``_dynamic_imports`` + ``_import_utils.import_attr`` pattern, written once instead of in every package::
+
+        _dynamic_imports = {"TraceStore": "store"}
+        __getattr__, __dir__ = lazy_exports(__name__, _dynamic_imports)
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = dynamic_imports.get(name)
+        if module is None:
+            msg = f"module {package!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return list(getattr(sys.modules[package], "__all__", dynamic_imports))
+
+    return __getattr__, __dir__

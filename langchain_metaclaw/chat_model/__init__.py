@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from langchain_metaclaw._compat import lazy_exports
 
 if TYPE_CHECKING:
     from langchain_metaclaw.chat_model.base import MetaClawChatModel
 
+_dynamic_imports = {"MetaClawChatModel": "base"}
+
 __all__ = ["MetaClawChatModel"]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "MetaClawChatModel":
-        from langchain_metaclaw.chat_model.base import MetaClawChatModel
-
-        return MetaClawChatModel
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__, __dir__ = lazy_exports(__name__, _dynamic_imports)

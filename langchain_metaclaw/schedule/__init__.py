@@ -10,6 +10,7 @@ lazily (this package never imports apscheduler, icalendar or jeepney at import t
 ['idle 12 min >= 10']
 """
 
+from langchain_metaclaw._compat import lazy_exports
 from langchain_metaclaw.schedule.calendar import (
     CalendarSource,
     CalendarStatus,
@@ -46,27 +47,17 @@ from langchain_metaclaw.schedule.windows import (
 )
 
 # Phase 2 (the APScheduler jobs, the store lease, stored decisions): imported on first use.
-_LAZY = {
-    "MadMaxScheduler": "langchain_metaclaw.schedule.scheduler",
-    "TrainingSession": "langchain_metaclaw.schedule.scheduler",
-    "run_schedule": "langchain_metaclaw.schedule.scheduler",
-    "scheduler_status": "langchain_metaclaw.schedule.scheduler",
-    "ScheduleEvent": "langchain_metaclaw.schedule.events",
-    "recent_events": "langchain_metaclaw.schedule.events",
-    "record_event": "langchain_metaclaw.schedule.events",
-    "StoreLease": "langchain_metaclaw.schedule.lease",
+_dynamic_imports = {
+    "MadMaxScheduler": "scheduler",
+    "TrainingSession": "scheduler",
+    "run_schedule": "scheduler",
+    "scheduler_status": "scheduler",
+    "ScheduleEvent": "events",
+    "recent_events": "events",
+    "record_event": "events",
+    "StoreLease": "lease",
 }
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _dynamic_imports)
 
 
 __all__ = [
