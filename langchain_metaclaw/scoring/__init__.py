@@ -20,14 +20,9 @@ from typing import TYPE_CHECKING
 from langchain_metaclaw._compat import lazy_exports
 
 if TYPE_CHECKING:
-    from langchain_metaclaw.scoring.evidence import TurnEvidence, gather_evidence
+    from langchain_metaclaw.scoring.evidence import gather_evidence
     from langchain_metaclaw.scoring.graph import PRMInput, PRMOutput, PRMState, create_prm_graph
-    from langchain_metaclaw.scoring.judge import (
-        DEFAULT_RUBRIC,
-        JUDGE_TAG,
-        build_judge_messages,
-        parse_judge_answer,
-    )
+    from langchain_metaclaw.scoring.judge import DEFAULT_RUBRIC, build_judge_messages, parse_judge_answer
     from langchain_metaclaw.scoring.rewards import (
         RuleContext,
         get_reward,
@@ -42,16 +37,17 @@ if TYPE_CHECKING:
         rollup,
         score_pending,
     )
+    from langchain_metaclaw.scoring.types import JUDGE_TAG, TurnEvidence
 
 _dynamic_imports = {
-    "TurnEvidence": "evidence",
+    "TurnEvidence": "types",
     "gather_evidence": "evidence",
     "PRMInput": "graph",
     "PRMOutput": "graph",
     "PRMState": "graph",
     "create_prm_graph": "graph",
     "DEFAULT_RUBRIC": "judge",
-    "JUDGE_TAG": "judge",
+    "JUDGE_TAG": "types",
     "build_judge_messages": "judge",
     "parse_judge_answer": "judge",
     "RuleContext": "rewards",

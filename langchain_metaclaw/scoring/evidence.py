@@ -19,10 +19,10 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from langchain_metaclaw.messages import content_text
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
+from langchain_metaclaw.scoring.types import JUDGE_TAG, MessageView, ToolResult, TurnEvidence
 
 if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EpisodeIndex",
-    "MessageView",
-    "ToolResult",
-    "TurnEvidence",
     "evidence_from_messages",
     "evidence_from_turn",
     "find_next_user_message",
@@ -45,49 +42,6 @@ __all__ = [
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool",
           "chat": "user", "developer": "system", "AIMessageChunk": "assistant", "HumanMessageChunk": "user"}
-
-
-class MessageView(TypedDict, total=False):
-    """A message as the judge sees it."""
-
-    role: str
-    """``user`` | ``assistant`` | ``system`` | ``tool``."""
-    content: str
-    tool_calls: list[dict[str, Any]]
-    invalid_tool_calls: list[dict[str, Any]]
-    tool_call_id: str
-    name: str
-
-
-class ToolResult(TypedDict):
-    """What one of the turn's tool calls returned."""
-
-    tool_call_id: str | None
-    name: str | None
-    args: Any
-    status: str
-    """``ok`` | ``error``."""
-    result: str | None
-
-
-class TurnEvidence(TypedDict):
-    """Everything the judge is shown about one assistant turn."""
-
-    turn_id: NotRequired[str | None]
-    episode_id: NotRequired[str | None]
-    node: NotRequired[str | None]
-    """LangGraph node that made the call (selects the rubric)."""
-    context: list[MessageView]
-    """The turn's input messages."""
-    output: MessageView
-    """The turn's output message (``role="assistant"``)."""
-    tool_results: list[ToolResult]
-    next_user_message: str | None
-    """The user's next message in the thread; ``None`` when there is none (yet)."""
-    next_message_note: NotRequired[str | None]
-    """Why there is no next message (shown to the judge and kept in the score's details)."""
-    ended_at: NotRequired[float | None]
-    """When the turn ended (epoch seconds), for the wait-for-the-next-message rule."""
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -42,9 +42,8 @@ from sqlalchemy.pool import StaticPool
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.scoring._queries import PRM_SOURCE, REWARD_KEY, judge_call_rows, record_prm_result
-from langchain_metaclaw.scoring.evidence import TurnEvidence, evidence_from_messages, gather_evidence
+from langchain_metaclaw.scoring.evidence import evidence_from_messages, gather_evidence
 from langchain_metaclaw.scoring.judge import (
-    JUDGE_TAG,
     Aggregate,
     Vote,
     aggregate_votes,
@@ -52,11 +51,13 @@ from langchain_metaclaw.scoring.judge import (
     build_judge_messages,
     check_aggregate,
     failure_counts,
+    judge_config,
     judge_name,
     judge_votes,
     resolve_rubric,
     unscored_reason,
 )
+from langchain_metaclaw.scoring.types import TurnEvidence
 
 try:  # LangGraph's sync/async node wrapper; guarded because the module is private
     from langgraph._internal._runnable import RunnableCallable as _RunnableCallable
@@ -147,6 +148,122 @@ def _node(func: Callable[..., Any], afunc: Callable[..., Awaitable[Any]] | None 
     return RunnableLambda(func, afunc=afunc, name=name)  # pragma: no cover - older/newer LangGraph layouts
 
 
+def _read_evidence(state: PRMState, store: TraceStore | None) -> TurnEvidence:
+    """The turn to grade, from the first of ``evidence``, ``turn_id`` (read from ``store``), ``messages``."""
+    evidence = state.get("evidence")
+    if evidence is not None:
+        if not isinstance(evidence, Mapping) or not isinstance(evidence.get("output"), Mapping):
+            raise ValueError(BAD_EVIDENCE_ERROR.format(value=evidence))
+        return evidence  # type: ignore[return-value]
+    turn_id = state.get("turn_id")
+    if turn_id:
+        if store is None:
+            raise ValueError(TURN_ID_WITHOUT_STORE_ERROR.format(turn_id=turn_id))
+        return gather_evidence(store, turn_id)
+    messages = state.get("messages")
+    if messages:
+        return evidence_from_messages(messages)
+    raise ValueError(MISSING_INPUT_ERROR.format(keys=sorted(k for k, v in state.items() if v is not None)))
+
+
+def _check_options(votes: int, vote_timeout: float, aggregate: Aggregate) -> None:
+    if not isinstance(votes, int) or votes < 1:
+        msg = f"votes must be an integer >= 1, got {votes!r}"
+        raise ConfigurationError(msg)
+    if not vote_timeout or vote_timeout <= 0:
+        msg = f"vote_timeout must be > 0 seconds, got {vote_timeout!r}"
+        raise ConfigurationError(msg)
+    check_aggregate(aggregate)
+
+
+class _PRMNodes:
+    """The graph's node bodies, bound to one judge and its options (what ``create_prm_graph`` was given)."""
+
+    def __init__(self, judge: BaseChatModel, *, votes: int, vote_timeout: float,
+                 rubric: str | Mapping[str, str] | None, aggregate: Aggregate, store: TraceStore | None) -> None:
+        self.judge, self.votes, self.vote_timeout = judge, votes, vote_timeout
+        self.rubric, self.aggregate, self.store = rubric, aggregate, store
+        self.judge_label = judge_name(judge)
+        self.aggregate_label = _aggregate_label(aggregate)
+        # File databases: commit on one writer thread so the event loop keeps judging during the disk write.
+        # In-memory SQLite shares one connection (StaticPool), so it is written inline.
+        self.writer = None
+        if store is not None and not isinstance(store.engine.pool, StaticPool):
+            self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                thread_name_prefix="metaclaw-prm-writer")
+
+    def prepare(self, state: PRMState) -> dict[str, Any]:
+        evidence = _read_evidence(state, self.store)
+        return {"evidence": evidence, "turn_id": evidence.get("turn_id"),
+                "prompt": build_judge_messages(evidence, self.rubric)}
+
+    def vote(self, state: PRMState, config: RunnableConfig) -> dict[str, Any]:
+        return {"votes": judge_votes(self.judge, state["prompt"], votes=self.votes, timeout=self.vote_timeout,
+                                     config=judge_config(config))}
+
+    async def avote(self, state: PRMState, config: RunnableConfig) -> dict[str, Any]:
+        return {"votes": await ajudge_votes(self.judge, state["prompt"], votes=self.votes,
+                                            timeout=self.vote_timeout, config=judge_config(config))}
+
+    def _details(self, evidence: TurnEvidence, cast_votes: list[Vote], valid: list[Vote]) -> dict[str, Any]:
+        has_next = evidence.get("next_user_message") is not None
+        details: dict[str, Any] = {
+            "scale": "-1|0|+1",
+            "judge": self.judge_label,
+            "votes": [v["value"] for v in cast_votes],
+            "outcomes": [v["outcome"] for v in cast_votes],
+            "valid_votes": len(valid),
+            "total_votes": len(cast_votes),
+            "failures": failure_counts(cast_votes),
+            "aggregate": self.aggregate_label,
+            "rubric": resolve_rubric(self.rubric, evidence.get("node"))[1],
+            "node": evidence.get("node"),
+            "next_user_message": "present" if has_next else "absent",
+            "tool_results": len(evidence.get("tool_results") or []),
+            "answers": [v["text"][:300] for v in cast_votes],
+        }
+        if not has_next:
+            details["next_message_note"] = evidence.get("next_message_note") or "the user has not replied"
+        return details
+
+    def aggregate_votes(self, state: PRMState) -> dict[str, Any]:
+        cast_votes: list[Vote] = state.get("votes") or []
+        valid = [v for v in cast_votes if v["outcome"] == "ok" and v["value"] is not None]
+        details = self._details(state["evidence"], cast_votes, valid)
+        if not valid:
+            return {"score": None, "confidence": None, "status": "unscored",
+                    "reason": unscored_reason(cast_votes), "details": details}
+        value, confidence = aggregate_votes([v["value"] for v in valid], self.aggregate)
+        agreeing = [v for v in valid if v["value"] == value]
+        why = _reasoning(agreeing[0]["text"]) if agreeing else ""
+        reason = f"{len(agreeing)}/{len(valid)} valid votes {value:+g}" + (f": {why}" if why else "")
+        return {"score": value, "confidence": confidence, "status": "scored", "reason": reason, "details": details}
+
+    def record(self, state: PRMState) -> dict[str, Any]:
+        turn_id = state.get("turn_id")
+        score = None
+        if turn_id:
+            score = {
+                "turn_id": turn_id,
+                "episode_id": state["evidence"].get("episode_id"),
+                "source": PRM_SOURCE,
+                "key": REWARD_KEY,
+                "value": state.get("score"),
+                "confidence": state.get("confidence"),
+                "status": state["status"],
+                "reason": state.get("reason"),
+                "details": state.get("details"),
+            }
+        calls = judge_call_rows(turn_id, self.judge_label, state.get("votes") or [])
+        record_prm_result(self.store, score=score, calls=calls)
+        return {}
+
+    async def arecord(self, state: PRMState) -> dict[str, Any]:
+        if self.writer is None:
+            return self.record(state)
+        return await asyncio.get_running_loop().run_in_executor(self.writer, self.record, state)
+
+
 def create_prm_graph(
     judge: BaseChatModel,
     *,
@@ -176,119 +293,18 @@ def create_prm_graph(
     Returns:
         A compiled graph: input :class:`PRMInput`, output :class:`PRMOutput`.
     """
-    if not isinstance(votes, int) or votes < 1:
-        msg = f"votes must be an integer >= 1, got {votes!r}"
-        raise ConfigurationError(msg)
-    if not vote_timeout or vote_timeout <= 0:
-        msg = f"vote_timeout must be > 0 seconds, got {vote_timeout!r}"
-        raise ConfigurationError(msg)
-    check_aggregate(aggregate)
-    judge_label = judge_name(judge)
-    aggregate_label = _aggregate_label(aggregate)
-
-    def _evidence(state: PRMState) -> TurnEvidence:
-        evidence = state.get("evidence")
-        if evidence is not None:
-            if not isinstance(evidence, Mapping) or not isinstance(evidence.get("output"), Mapping):
-                raise ValueError(BAD_EVIDENCE_ERROR.format(value=evidence))
-            return evidence  # type: ignore[return-value]
-        turn_id = state.get("turn_id")
-        if turn_id:
-            if store is None:
-                raise ValueError(TURN_ID_WITHOUT_STORE_ERROR.format(turn_id=turn_id))
-            return gather_evidence(store, turn_id)
-        messages = state.get("messages")
-        if messages:
-            return evidence_from_messages(messages)
-        raise ValueError(MISSING_INPUT_ERROR.format(keys=sorted(k for k, v in state.items() if v is not None)))
-
-    def prepare(state: PRMState) -> dict[str, Any]:
-        evidence = _evidence(state)
-        return {"evidence": evidence, "turn_id": evidence.get("turn_id"),
-                "prompt": build_judge_messages(evidence, rubric)}
-
-    def _judge_config(config: RunnableConfig | None) -> RunnableConfig:
-        # the node's config (callbacks: the node's run) plus the judge tag; a shallow copy is enough here
-        config = config or {}
-        return {**config, "tags": [*(config.get("tags") or []), JUDGE_TAG], "run_name": "prm_judge"}
-
-    def vote(state: PRMState, config: RunnableConfig) -> dict[str, Any]:
-        return {"votes": judge_votes(judge, state["prompt"], votes=votes, timeout=vote_timeout,
-                                     config=_judge_config(config))}
-
-    async def avote(state: PRMState, config: RunnableConfig) -> dict[str, Any]:
-        return {"votes": await ajudge_votes(judge, state["prompt"], votes=votes, timeout=vote_timeout,
-                                            config=_judge_config(config))}
-
-    def aggregate_node(state: PRMState) -> dict[str, Any]:
-        evidence = state["evidence"]
-        cast_votes: list[Vote] = state.get("votes") or []
-        valid = [v for v in cast_votes if v["outcome"] == "ok" and v["value"] is not None]
-        has_next = evidence.get("next_user_message") is not None
-        details: dict[str, Any] = {
-            "scale": "-1|0|+1",
-            "judge": judge_label,
-            "votes": [v["value"] for v in cast_votes],
-            "outcomes": [v["outcome"] for v in cast_votes],
-            "valid_votes": len(valid),
-            "total_votes": len(cast_votes),
-            "failures": failure_counts(cast_votes),
-            "aggregate": aggregate_label,
-            "rubric": resolve_rubric(rubric, evidence.get("node"))[1],
-            "node": evidence.get("node"),
-            "next_user_message": "present" if has_next else "absent",
-            "tool_results": len(evidence.get("tool_results") or []),
-            "answers": [v["text"][:300] for v in cast_votes],
-        }
-        if not has_next:
-            details["next_message_note"] = evidence.get("next_message_note") or "the user has not replied"
-        if not valid:
-            return {"score": None, "confidence": None, "status": "unscored",
-                    "reason": unscored_reason(cast_votes), "details": details}
-        value, confidence = aggregate_votes([v["value"] for v in valid], aggregate)
-        agreeing = [v for v in valid if v["value"] == value]
-        why = _reasoning(agreeing[0]["text"]) if agreeing else ""
-        reason = f"{len(agreeing)}/{len(valid)} valid votes {value:+g}" + (f": {why}" if why else "")
-        return {"score": value, "confidence": confidence, "status": "scored", "reason": reason, "details": details}
-
-    def record(state: PRMState) -> dict[str, Any]:
-        turn_id = state.get("turn_id")
-        score = None
-        if turn_id:
-            score = {
-                "turn_id": turn_id,
-                "episode_id": state["evidence"].get("episode_id"),
-                "source": PRM_SOURCE,
-                "key": REWARD_KEY,
-                "value": state.get("score"),
-                "confidence": state.get("confidence"),
-                "status": state["status"],
-                "reason": state.get("reason"),
-                "details": state.get("details"),
-            }
-        record_prm_result(store, score=score, calls=judge_call_rows(turn_id, judge_label, state.get("votes") or []))
-        return {}
-
-    # File databases: commit on one writer thread so the event loop keeps judging during the disk write.
-    # In-memory SQLite shares one connection (StaticPool), so it is written inline.
-    writer = None
-    if store is not None and not isinstance(store.engine.pool, StaticPool):
-        writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaclaw-prm-writer")
-
-    async def arecord(state: PRMState) -> dict[str, Any]:
-        if writer is None:
-            return record(state)
-        return await asyncio.get_running_loop().run_in_executor(writer, record, state)
-
+    _check_options(votes, vote_timeout, aggregate)
+    nodes = _PRMNodes(judge, votes=votes, vote_timeout=vote_timeout, rubric=rubric, aggregate=aggregate,
+                      store=store)
     workflow = StateGraph(PRMState, input_schema=PRMInput, output_schema=PRMOutput)
-    workflow.add_node(PREPARE, _node(prepare, name=PREPARE))
-    workflow.add_node(VOTE, _node(vote, avote, name=VOTE))
-    workflow.add_node(AGGREGATE, _node(aggregate_node, name=AGGREGATE))
+    workflow.add_node(PREPARE, _node(nodes.prepare, name=PREPARE))
+    workflow.add_node(VOTE, _node(nodes.vote, nodes.avote, name=VOTE))
+    workflow.add_node(AGGREGATE, _node(nodes.aggregate_votes, name=AGGREGATE))
     workflow.add_edge(START, PREPARE)
     workflow.add_edge(PREPARE, VOTE)
     workflow.add_edge(VOTE, AGGREGATE)
     if store is not None:
-        workflow.add_node(RECORD, _node(record, arecord, name=RECORD))
+        workflow.add_node(RECORD, _node(nodes.record, nodes.arecord, name=RECORD))
         workflow.add_edge(AGGREGATE, RECORD)
         workflow.add_edge(RECORD, END)
     else:

@@ -45,16 +45,16 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.messages import content_text
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
     from langchain_core.runnables import RunnableConfig
 
-    from langchain_metaclaw.scoring.evidence import TurnEvidence
+    from langchain_metaclaw.scoring.types import TurnEvidence
 
 __all__ = [
     "DEFAULT_RUBRIC",
-    "JUDGE_TAG",
     "SCORE_VALUES",
     "Aggregate",
     "Vote",
@@ -63,6 +63,7 @@ __all__ = [
     "ajudge_votes",
     "build_judge_messages",
     "fence",
+    "judge_config",
     "judge_name",
     "judge_votes",
     "parse_judge_answer",
@@ -75,9 +76,6 @@ Aggregate = Literal["majority", "mean", "min"] | Callable[[list[float]], float]
 
 SCORE_VALUES: tuple[float, ...] = (-1.0, 0.0, 1.0)
 """The judge's scale: -1 (hurt), 0 (neutral / unclear), +1 (helped)."""
-
-JUDGE_TAG = "metaclaw:judge"
-"""Tag on every judge call, so captured judge calls are never scored themselves."""
 
 DEFAULT_RUBRIC = (
     "Grade whether this assistant turn helped the user. A good turn is correct, does what was asked (or "
@@ -323,6 +321,17 @@ def judge_name(judge: Any) -> str:
         return type(judge).__name__
 
 
+def judge_config(config: RunnableConfig | None) -> RunnableConfig:
+    """The config of a judge call: the caller's (its callbacks make the call a child run) plus the judge tag.
+
+    The tag (:data:`~langchain_metaclaw.scoring.types.JUDGE_TAG`) is how capture and the scorer recognise a
+    judge call, so the judge's own answers are never scored. A shallow copy is enough: only ``tags`` and
+    ``run_name`` change.
+    """
+    config = config or {}
+    return {**config, "tags": [*(config.get("tags") or []), JUDGE_TAG], "run_name": "prm_judge"}
+
+
 def _usage(message: Any) -> tuple[int | None, int | None]:
     usage = getattr(message, "usage_metadata", None) or {}
     return usage.get("input_tokens"), usage.get("output_tokens")
@@ -356,26 +365,14 @@ async def _avote(judge: BaseChatModel, messages: list[BaseMessage], timeout: flo
     return _vote_from_reply(reply, started)
 
 
-async def ajudge_votes(
-    judge: BaseChatModel,
-    messages: list[BaseMessage],
-    *,
-    votes: int = 3,
-    timeout: float = 30.0,
-    config: RunnableConfig | None = None,
-) -> list[Vote]:
+async def ajudge_votes(judge: BaseChatModel, messages: list[BaseMessage], *, votes: int = 3,
+                       timeout: float = 30.0, config: RunnableConfig | None = None) -> list[Vote]:
     """Ask ``judge`` ``votes`` times in parallel, each call under its own ``asyncio.wait_for(timeout)``."""
     return list(await asyncio.gather(*(_avote(judge, messages, timeout, config) for _ in range(votes))))
 
 
-def judge_votes(
-    judge: BaseChatModel,
-    messages: list[BaseMessage],
-    *,
-    votes: int = 3,
-    timeout: float = 30.0,
-    config: RunnableConfig | None = None,
-) -> list[Vote]:
+def judge_votes(judge: BaseChatModel, messages: list[BaseMessage], *, votes: int = 3, timeout: float = 30.0,
+                config: RunnableConfig | None = None) -> list[Vote]:
     """Sync twin of :func:`ajudge_votes`: one thread per vote, one shared deadline.
 
     A call still running at the deadline is counted as ``timeout`` and abandoned (a thread cannot be

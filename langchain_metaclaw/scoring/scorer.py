@@ -30,9 +30,10 @@ from pydantic import BaseModel, Field
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.scoring import _queries as q
-from langchain_metaclaw.scoring.evidence import EpisodeIndex, TurnEvidence, evidence_from_turn, is_judge_turn
+from langchain_metaclaw.scoring.evidence import EpisodeIndex, evidence_from_turn, is_judge_turn
 from langchain_metaclaw.scoring.judge import Aggregate
 from langchain_metaclaw.scoring.rewards import RuleContext, evaluate_reward, get_reward, rule_source
+from langchain_metaclaw.scoring.types import TurnEvidence
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel

@@ -6,7 +6,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from langchain_metaclaw.scoring.evidence import evidence_from_messages, gather_evidence
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from tests.unit_tests.scoring.conftest import Trace, call
 
 

@@ -13,7 +13,7 @@ from langgraph.graph.message import add_messages
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.scoring.graph import create_prm_graph
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from tests.unit_tests.scoring.conftest import ScriptedJudge, Trace
 
 CONVERSATION = [HumanMessage("What is 2+2?"), AIMessage("4"), HumanMessage("Correct, thanks!")]

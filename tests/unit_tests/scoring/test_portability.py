@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
 from langchain_metaclaw.scoring.scorer import judge_health, rollup, score_pending
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from tests.unit_tests.scoring.conftest import ScriptedJudge, Trace, call
 
 

@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.scoring import judge as judge_module
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
 from langchain_metaclaw.scoring.scorer import ascore_pending, judge_health, rollup, score_pending
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from langchain_metaclaw.store import schema
 from tests.unit_tests.scoring.conftest import (
     T0,

@@ -8,8 +8,8 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 
 from langchain_metaclaw import MetaClawCallbackHandler, disable_global_capture, enable_global_capture
-from langchain_metaclaw.scoring.judge import JUDGE_TAG
 from langchain_metaclaw.scoring.scorer import rollup, score_pending
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from tests.fixtures.fakes import ScriptedChatModel, tool_call
 from tests.unit_tests.scoring.conftest import ScriptedJudge
 
