@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.scoring import _queries as q
 from langchain_metaclaw.scoring.evidence import EpisodeIndex, evidence_from_turn, is_judge_turn
-from langchain_metaclaw.scoring.judge import Aggregate
+from langchain_metaclaw.scoring.judge import FAILURE_KINDS, Aggregate
 from langchain_metaclaw.scoring.rewards import RuleContext, evaluate_reward, get_reward, rule_source
 from langchain_metaclaw.scoring.types import TurnEvidence
 
@@ -257,6 +257,72 @@ class _Progress:
             self._bar.close()
 
 
+class _PRMPass:
+    """One PRM pass over ``pending`` turns: a feeder reads them a page of episodes at a time into a bounded
+    queue (so memory stays flat on a large backlog), and ``concurrency`` workers run the graph on each."""
+
+    def __init__(self, store: TraceStore, graph: Any, report: ScoringReport, pending: list[tuple[str, str]], *,
+                 max_attempts: int, wait: timedelta, concurrency: int, now: datetime, tracker: _Progress,
+                 stop_event: threading.Event | None) -> None:
+        self.store, self.graph, self.report, self.pending = store, graph, report, pending
+        self.max_attempts, self.wait, self.concurrency, self.now = max_attempts, wait, concurrency, now
+        self.tracker, self.stop_event = tracker, stop_event
+        self.attempts = q.attempts_of(store, [turn_id for turn_id, _ in pending])
+        self.failures: Counter[str] = Counter()
+        self.queue: asyncio.Queue[TurnEvidence | None] = asyncio.Queue(maxsize=concurrency * 2)
+
+    async def _feed(self) -> None:
+        cache = _EpisodeCache(self.store)
+        page = max(128, self.concurrency * 8)
+        for start in range(0, len(self.pending), page):
+            turns = cache.load(self.pending[start:start + page])
+            self.tracker.advance(len(self.pending[start:start + page]) - len(turns))  # vanished since the query
+            for turn in turns:
+                if self.stop_event is not None and self.stop_event.is_set():
+                    self.report.stopped = True
+                    return
+                if is_judge_turn(turn) or turn.output_message is None:
+                    self.tracker.advance()
+                    continue
+                evidence = evidence_from_turn(turn, cache.index[turn.episode_id])
+                if _wait_decision(evidence, cache.episodes.get(turn.episode_id), self.now, self.wait) == "wait":
+                    self.report.skipped_waiting += 1
+                    self.tracker.advance()
+                    continue
+                await self.queue.put(evidence)
+
+    async def _produce(self) -> None:
+        await self._feed()  # on error, the task group cancels the workers; on success or stop, they drain and end
+        for _ in range(self.concurrency):
+            await self.queue.put(None)
+
+    async def _work(self) -> None:
+        report = self.report
+        while (evidence := await self.queue.get()) is not None:
+            result = await self.graph.ainvoke({"evidence": evidence})
+            cast_votes = result.get("votes") or []
+            report.judge_calls += len(cast_votes)
+            self.failures.update(v["outcome"] for v in cast_votes if v["outcome"] != "ok")
+            if result.get("status") == "scored":
+                report.scored += 1
+            else:
+                report.unscored += 1
+                if self.attempts.get(evidence.get("turn_id") or "", 0) + 1 >= self.max_attempts:
+                    report.exhausted += 1
+            self.tracker.advance()
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._produce())
+                for _ in range(self.concurrency):
+                    group.create_task(self._work())
+        except BaseExceptionGroup as group_error:  # surface the first real error, not the group
+            raise group_error.exceptions[0] from group_error
+        finally:
+            self.report.judge_failures = {k: self.failures[k] for k in FAILURE_KINDS if self.failures[k]}
+
+
 async def _score_prm(
     store: TraceStore,
     judge: BaseChatModel,
@@ -280,62 +346,12 @@ async def _score_prm(
                              store=store)
     pending = q.pending_prm_turns(store, max_attempts=max_attempts, limit=limit)
     tracker = _Progress(progress, len(pending))
-    if not pending:
-        tracker.close()
-        return
-    attempts = q.attempts_of(store, [turn_id for turn_id, _ in pending])
-    failures: Counter[str] = Counter()
-    queue: asyncio.Queue[TurnEvidence | None] = asyncio.Queue(maxsize=concurrency * 2)
-    page = max(128, concurrency * 8)
-
-    async def feed() -> None:
-        cache = _EpisodeCache(store)
-        for start in range(0, len(pending), page):
-            turns = cache.load(pending[start:start + page])
-            tracker.advance(len(pending[start:start + page]) - len(turns))  # vanished since the query
-            for turn in turns:
-                if stop_event is not None and stop_event.is_set():
-                    report.stopped = True
-                    return
-                if is_judge_turn(turn) or turn.output_message is None:
-                    tracker.advance()
-                    continue
-                evidence = evidence_from_turn(turn, cache.index[turn.episode_id])
-                if _wait_decision(evidence, cache.episodes.get(turn.episode_id), now, wait) == "wait":
-                    report.skipped_waiting += 1
-                    tracker.advance()
-                    continue
-                await queue.put(evidence)
-
-    async def produce() -> None:
-        await feed()  # on error, the task group cancels the workers; on success or stop, they drain and end
-        for _ in range(concurrency):
-            await queue.put(None)
-
-    async def work() -> None:
-        while (evidence := await queue.get()) is not None:
-            result = await graph.ainvoke({"evidence": evidence})
-            cast_votes = result.get("votes") or []
-            report.judge_calls += len(cast_votes)
-            failures.update(v["outcome"] for v in cast_votes if v["outcome"] != "ok")
-            if result.get("status") == "scored":
-                report.scored += 1
-            else:
-                report.unscored += 1
-                if attempts.get(evidence.get("turn_id") or "", 0) + 1 >= max_attempts:
-                    report.exhausted += 1
-            tracker.advance()
-
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(produce())
-            for _ in range(concurrency):
-                group.create_task(work())
-    except BaseExceptionGroup as group_error:  # surface the first real error, not the group
-        raise group_error.exceptions[0] from group_error
+        if pending:
+            await _PRMPass(store, graph, report, pending, max_attempts=max_attempts, wait=wait,
+                           concurrency=concurrency, now=now, tracker=tracker, stop_event=stop_event).run()
     finally:
         tracker.close()
-        report.judge_failures = {k: failures[k] for k in ("unparseable", "refused", "timeout", "error") if failures[k]}
 
 
 # ---------------------------------------------------------------------------------------------- public API
