@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -49,6 +50,8 @@ DEFAULT_WAIT = timedelta(minutes=10)
 """How long a turn waits for the user's next message before it is judged without it."""
 
 Progress = bool | Callable[[int, int], None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ScoringReport(BaseModel):
@@ -357,6 +360,18 @@ async def _score_prm(
 # ---------------------------------------------------------------------------------------------- public API
 
 
+def _check_options(rules: Sequence[str], *, max_attempts: int, concurrency: int) -> None:
+    """Fail before anything is written: unknown rule names, bounds that cannot work."""
+    for name in rules:
+        get_reward(name)
+    if max_attempts < 1:
+        msg = f"max_attempts must be >= 1, got {max_attempts}"
+        raise ConfigurationError(msg)
+    if concurrency < 1:
+        msg = f"concurrency must be >= 1, got {concurrency}"
+        raise ConfigurationError(msg)
+
+
 async def ascore_pending(
     store: TraceStore,
     *,
@@ -374,56 +389,8 @@ async def ascore_pending(
     now: datetime | None = None,
     stop_event: threading.Event | None = None,
 ) -> ScoringReport:
-    """Async :func:`score_pending` (same arguments)."""
-    started = time.perf_counter()
-    names = list(rules or [])
-    for name in names:
-        get_reward(name)  # unknown names fail before anything is written
-    if max_attempts < 1:
-        msg = f"max_attempts must be >= 1, got {max_attempts}"
-        raise ConfigurationError(msg)
-    if concurrency < 1:
-        msg = f"concurrency must be >= 1, got {concurrency}"
-        raise ConfigurationError(msg)
-    if isinstance(wait_for_next_message, int | float):
-        wait_for_next_message = timedelta(seconds=wait_for_next_message)
-    now = _aware(now) if now is not None else datetime.now(UTC)
-
-    report = ScoringReport()
-    try:
-        _resolve_feedback(store, report)
-        if names:
-            _score_rules(store, names, report)
-        if judge is not None:
-            await _score_prm(store, judge, report, votes=votes, vote_timeout=vote_timeout, rubric=rubric,
-                             aggregate=aggregate, max_attempts=max_attempts, wait=wait_for_next_message,
-                             concurrency=concurrency, limit=limit, now=now, progress=progress,
-                             stop_event=stop_event)
-    finally:
-        report.elapsed_s = time.perf_counter() - started
-    logger.info("score_pending: %s", report.summary())
-    return report
-
-
-def score_pending(
-    store: TraceStore,
-    *,
-    judge: BaseChatModel | None = None,
-    rules: Sequence[str] | None = None,
-    votes: int = 3,
-    vote_timeout: float = 30.0,
-    max_attempts: int = 3,
-    wait_for_next_message: timedelta | float = DEFAULT_WAIT,
-    concurrency: int = 16,
-    rubric: str | Mapping[str, str] | None = None,
-    aggregate: Aggregate = "majority",
-    limit: int | None = None,
-    progress: Progress = False,
-    now: datetime | None = None,
-    stop_event: threading.Event | None = None,
-) -> ScoringReport:
     """Score everything the store has not scored yet: feedback, rules, then the PRM judge. Run it as often
-    as you like: it is incremental and idempotent.
+    as you like: it is incremental and idempotent. ``score_pending`` is the blocking form (same arguments).
 
     Args:
         store (`TraceStore`): where turns are read and scores, judge calls are written.
@@ -446,18 +413,51 @@ def score_pending(
     Returns:
         A :class:`ScoringReport` of this pass.
     """
-    coro = ascore_pending(
-        store, judge=judge, rules=rules, votes=votes, vote_timeout=vote_timeout, max_attempts=max_attempts,
-        wait_for_next_message=wait_for_next_message, concurrency=concurrency, rubric=rubric, aggregate=aggregate,
-        limit=limit, progress=progress, now=now, stop_event=stop_event,
-    )
+    started = time.perf_counter()
+    names = list(rules or [])
+    _check_options(names, max_attempts=max_attempts, concurrency=concurrency)
+    if isinstance(wait_for_next_message, int | float):
+        wait_for_next_message = timedelta(seconds=wait_for_next_message)
+    now = _aware(now) if now is not None else datetime.now(UTC)
+
+    report = ScoringReport()
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # Called from inside an event loop (a notebook, an async app): run the pass on its own loop in a thread.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaclaw-score") as pool:
-        return pool.submit(asyncio.run, coro).result()
+        _resolve_feedback(store, report)
+        if names:
+            _score_rules(store, names, report)
+        if judge is not None:
+            await _score_prm(store, judge, report, votes=votes, vote_timeout=vote_timeout, rubric=rubric,
+                             aggregate=aggregate, max_attempts=max_attempts, wait=wait_for_next_message,
+                             concurrency=concurrency, limit=limit, now=now, progress=progress,
+                             stop_event=stop_event)
+    finally:
+        report.elapsed_s = time.perf_counter() - started
+    logger.info("score_pending: %s", report.summary())
+    return report
+
+
+def _blocking(afunc: Callable[P, Coroutine[Any, Any, R]], name: str) -> Callable[P, R]:
+    """``afunc`` as a blocking function called ``name``, with ``afunc``'s signature and docstring.
+
+    It runs ``afunc`` under ``asyncio.run``; called where an event loop is already running (a notebook, an
+    async app), which it must not block, it runs it on its own loop in a worker thread instead.
+    """
+
+    @functools.wraps(afunc)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        coro = afunc(*args, **kwargs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaclaw-score") as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+score_pending = _blocking(ascore_pending, "score_pending")
 
 
 def rollup(

@@ -4,6 +4,7 @@ idempotence, crash safety, feedback, rules, roll-ups and judge health."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import uuid
 from datetime import timedelta
@@ -248,6 +249,15 @@ def test_progress_callback_and_sync_call_inside_a_running_loop(mem_store, judge:
 
     report = asyncio.run(from_async_code())
     assert report.scored == 3 and seen[-1] == (3, 3) and len(seen) == 3
+
+
+def test_score_pending_is_ascore_pending_blocking_with_the_same_signature(mem_store) -> None:
+    assert score_pending.__name__ == "score_pending"
+    assert inspect.signature(score_pending) == inspect.signature(ascore_pending)
+    assert "stop_event" in inspect.signature(score_pending).parameters  # the scheduler checks for it
+    assert "blocking form" in (score_pending.__doc__ or "")
+    with pytest.raises(ConfigurationError, match="concurrency must be >= 1"):
+        score_pending(mem_store, concurrency=0)
 
 
 def test_captured_judge_calls_and_failed_llm_calls_are_not_judged(mem_store, judge: ScriptedJudge) -> None:
