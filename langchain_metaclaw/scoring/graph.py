@@ -226,7 +226,7 @@ class _PRMNodes:
             details["next_message_note"] = evidence.get("next_message_note") or "the user has not replied"
         return details
 
-    def aggregate_votes(self, state: PRMState) -> dict[str, Any]:
+    def aggregate_node(self, state: PRMState) -> dict[str, Any]:
         cast_votes: list[Vote] = state.get("votes") or []
         valid = [v for v in cast_votes if v["outcome"] == "ok" and v["value"] is not None]
         details = self._details(state["evidence"], cast_votes, valid)
@@ -299,7 +299,7 @@ def create_prm_graph(
     workflow = StateGraph(PRMState, input_schema=PRMInput, output_schema=PRMOutput)
     workflow.add_node(PREPARE, _node(nodes.prepare, name=PREPARE))
     workflow.add_node(VOTE, _node(nodes.vote, nodes.avote, name=VOTE))
-    workflow.add_node(AGGREGATE, _node(nodes.aggregate_votes, name=AGGREGATE))
+    workflow.add_node(AGGREGATE, _node(nodes.aggregate_node, name=AGGREGATE))
     workflow.add_edge(START, PREPARE)
     workflow.add_edge(PREPARE, VOTE)
     workflow.add_edge(VOTE, AGGREGATE)
