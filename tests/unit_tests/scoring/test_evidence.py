@@ -98,3 +98,11 @@ def test_evidence_from_messages() -> None:
     assert last["next_user_message"] is None and last["tool_results"] == []
     with pytest.raises(ValueError, match="at least one assistant"):
         evidence_from_messages([HumanMessage("hi")])
+
+
+def test_the_judge_sees_text_blocks_and_a_marker_for_other_content() -> None:
+    question = HumanMessage([{"type": "text", "text": "What is in "}, "this picture?",
+                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    evidence = evidence_from_messages([question, AIMessage([{"type": "text", "text": "A cat."}])])
+    assert evidence["context"] == [{"role": "user", "content": "What is in this picture?[image_url]"}]
+    assert evidence["output"]["content"] == "A cat."

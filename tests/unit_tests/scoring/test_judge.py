@@ -12,10 +12,12 @@ from langchain_metaclaw.scoring.judge import (
     aggregate_votes,
     build_judge_messages,
     fence,
+    judge_config,
     parse_judge_answer,
     resolve_rubric,
     unscored_reason,
 )
+from langchain_metaclaw.scoring.types import JUDGE_TAG
 from tests.unit_tests.scoring.conftest import outside_fences
 
 
@@ -136,3 +138,13 @@ def test_rubric_per_node() -> None:
     assert resolve_rubric("Only correctness matters.", "agent") == ("Only correctness matters.", "custom")
     system, _ = build_judge_messages({**EVIDENCE, "node": "planner"}, rubrics)
     assert "Plans must be short." in system.content
+
+
+def test_judge_config_adds_the_judge_tag_and_keeps_the_callers_config() -> None:
+    callbacks = object()
+    caller = {"tags": ["mine"], "callbacks": callbacks, "metadata": {"k": 1}}
+    config = judge_config(caller)
+    assert config["tags"] == ["mine", JUDGE_TAG] and config["run_name"] == "prm_judge"
+    assert config["callbacks"] is callbacks and config["metadata"] == {"k": 1}
+    assert caller["tags"] == ["mine"]  # the caller's config is not changed
+    assert judge_config(None)["tags"] == [JUDGE_TAG]
