@@ -38,10 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 from langchain_core.messages import AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
-from sqlalchemy.pool import StaticPool
 
 from langchain_metaclaw.errors import ConfigurationError
-from langchain_metaclaw.scoring._queries import PRM_SOURCE, REWARD_KEY, judge_call_rows, record_prm_result
 from langchain_metaclaw.scoring.evidence import TurnEvidence, evidence_from_messages, gather_evidence
 from langchain_metaclaw.scoring.judge import (
     JUDGE_TAG,
@@ -57,6 +55,7 @@ from langchain_metaclaw.scoring.judge import (
     resolve_rubric,
     unscored_reason,
 )
+from langchain_metaclaw.store.scores import PRM_SOURCE, REWARD_KEY
 
 try:  # LangGraph's sync/async node wrapper; guarded because the module is private
     from langgraph._internal._runnable import RunnableCallable as _RunnableCallable
@@ -266,13 +265,13 @@ def create_prm_graph(
                 "reason": state.get("reason"),
                 "details": state.get("details"),
             }
-        record_prm_result(store, score=score, calls=judge_call_rows(turn_id, judge_label, state.get("votes") or []))
+        store.record_prm_result(score=score, turn_id=turn_id, judge=judge_label, votes=state.get("votes") or [])
         return {}
 
     # File databases: commit on one writer thread so the event loop keeps judging during the disk write.
     # In-memory SQLite shares one connection (StaticPool), so it is written inline.
     writer = None
-    if store is not None and not isinstance(store.engine.pool, StaticPool):
+    if store is not None and not store.single_connection:
         writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaclaw-prm-writer")
 
     async def arecord(state: PRMState) -> dict[str, Any]:

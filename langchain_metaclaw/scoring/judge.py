@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.store.scores import JUDGE_TAG
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -74,9 +75,6 @@ Aggregate = Literal["majority", "mean", "min"] | Callable[[list[float]], float]
 
 SCORE_VALUES: tuple[float, ...] = (-1.0, 0.0, 1.0)
 """The judge's scale: -1 (hurt), 0 (neutral / unclear), +1 (helped)."""
-
-JUDGE_TAG = "metaclaw:judge"
-"""Tag on every judge call, so captured judge calls are never scored themselves."""
 
 DEFAULT_RUBRIC = (
     "Grade whether this assistant turn helped the user. A good turn is correct, does what was asked (or "
