@@ -56,3 +56,8 @@ class StoreBase:
     def _select(self, model: type[R], stmt) -> list[R]:
         with self.engine.connect() as conn:
             return [to_record(model, row) for row in conn.execute(stmt)]
+
+    def _select_one(self, model: type[R], stmt) -> R | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else to_record(model, row)

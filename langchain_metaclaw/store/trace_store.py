@@ -288,8 +288,7 @@ class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, StoreBase):
         return self._select(Episode, stmt)
 
     def episode(self, episode_id: str) -> Episode | None:
-        found = self._select(Episode, select(schema.episodes).where(schema.episodes.c.id == episode_id))
-        return found[0] if found else None
+        return self._select_one(Episode, select(schema.episodes).where(schema.episodes.c.id == episode_id))
 
     def turns(
         self,
@@ -355,8 +354,7 @@ class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, StoreBase):
         return AdapterVersion.model_validate(row)
 
     def adapter(self, version: str) -> AdapterVersion | None:
-        found = self._select(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
-        return found[0] if found else None
+        return self._select_one(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
 
     def adapters(self, status: str | None = None) -> list[AdapterVersion]:
         t = schema.adapters

@@ -65,8 +65,7 @@ class TrainingQueriesMixin(StoreBase):
         return self._select(TrainRun, stmt)
 
     def train_run(self, run_id: str) -> TrainRun | None:
-        found = self._select(TrainRun, select(schema.train_runs).where(schema.train_runs.c.id == run_id))
-        return found[0] if found else None
+        return self._select_one(TrainRun, select(schema.train_runs).where(schema.train_runs.c.id == run_id))
 
     def _trained_ids(self, statuses: Sequence[str]):
         """SQL: the turn ids in the ``samples`` arrays of train runs with one of ``statuses``."""
