@@ -8,9 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
 
-from langchain_metaclaw.store import schema
 from langchain_metaclaw.store.records import AdapterVersion, TrainRun
 from langchain_metaclaw.store.trace_store import TraceStore
 
@@ -32,37 +30,14 @@ class StatusReport(BaseModel):
     problems: list[str]
 
 
-def _grouped(conn, column, *where) -> dict[str, int]:
-    stmt = select(column, func.count()).group_by(column)
-    for clause in where:
-        stmt = stmt.where(clause)
-    return {str(k): int(n) for k, n in conn.execute(stmt)}
-
-
 def collect_status(store: TraceStore, *, limit: int = 5) -> StatusReport:
     """Gather the status of ``store`` (cheap aggregate queries only)."""
-    with store.engine.connect() as conn:
-        turns_by_source = _grouped(conn, schema.turns.c.tokens_source, schema.turns.c.kind == "llm")
-        scores: dict[str, dict[str, int]] = {}
-        stmt = select(schema.scores.c.source, schema.scores.c.status, func.count()).group_by(
-            schema.scores.c.source, schema.scores.c.status)
-        for source, status, n in conn.execute(stmt):
-            scores.setdefault(source, {})[status] = int(n)
-        judge = _grouped(conn, schema.judge_calls.c.outcome)
-        latency = conn.execute(select(func.avg(schema.judge_calls.c.latency_ms))).scalar()
-        events = [dict(r._mapping) for r in conn.execute(
-            select(schema.schedule_events).order_by(schema.schedule_events.c.at.desc()).limit(limit))]
-    scheduler = _scheduler_section(store)
     return StatusReport(
-        scheduler=scheduler,
+        scheduler=_scheduler_section(store),
         counts=store.counts(),
-        turns_by_source=turns_by_source,
-        scores_by_source=scores,
-        judge_calls=judge,
-        judge_latency_ms=float(latency) if latency is not None else None,
+        **store.status_counts(limit),
         adapters=store.adapters(),
         train_runs=store.train_runs(limit=limit),
-        schedule_events=events,
         problems=store.verify(),
     )
 
@@ -87,8 +62,6 @@ def _scheduler_section(store: TraceStore) -> dict[str, Any] | None:
 def _ago(when: datetime | None) -> str:
     if when is None:
         return "-"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
     seconds = (datetime.now(UTC) - when).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

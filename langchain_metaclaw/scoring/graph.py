@@ -38,10 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 from langchain_core.messages import AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
-from sqlalchemy.pool import StaticPool
 
 from langchain_metaclaw.errors import ConfigurationError
-from langchain_metaclaw.scoring._queries import PRM_SOURCE, REWARD_KEY, judge_call_rows, record_prm_result
 from langchain_metaclaw.scoring.evidence import evidence_from_messages, gather_evidence
 from langchain_metaclaw.scoring.judge import (
     Aggregate,
@@ -58,6 +56,7 @@ from langchain_metaclaw.scoring.judge import (
     unscored_reason,
 )
 from langchain_metaclaw.scoring.types import TurnEvidence
+from langchain_metaclaw.store.scores import PRM_SOURCE, REWARD_KEY
 
 try:  # LangGraph's sync/async node wrapper; guarded because the module is private
     from langgraph._internal._runnable import RunnableCallable as _RunnableCallable
@@ -188,7 +187,7 @@ class _PRMNodes:
         # File databases: commit on one writer thread so the event loop keeps judging during the disk write.
         # In-memory SQLite shares one connection (StaticPool), so it is written inline.
         self.writer = None
-        if store is not None and not isinstance(store.engine.pool, StaticPool):
+        if store is not None and not store.single_connection:
             self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                 thread_name_prefix="metaclaw-prm-writer")
 
@@ -254,8 +253,8 @@ class _PRMNodes:
                 "reason": state.get("reason"),
                 "details": state.get("details"),
             }
-        calls = judge_call_rows(turn_id, self.judge_label, state.get("votes") or [])
-        record_prm_result(self.store, score=score, calls=calls)
+        self.store.record_prm_result(score=score, turn_id=turn_id, judge=self.judge_label,
+                                     votes=state.get("votes") or [])
         return {}
 
     async def arecord(self, state: PRMState) -> dict[str, Any]:

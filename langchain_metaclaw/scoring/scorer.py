@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 from pydantic import BaseModel, Field
 
 from langchain_metaclaw.errors import ConfigurationError
-from langchain_metaclaw.scoring import _queries as q
 from langchain_metaclaw.scoring.evidence import EpisodeIndex, evidence_from_turn, is_judge_turn
 from langchain_metaclaw.scoring.judge import FAILURE_KINDS, Aggregate
 from langchain_metaclaw.scoring.rewards import RuleContext, evaluate_reward, get_reward, rule_source
@@ -105,13 +104,13 @@ class ScoringReport(BaseModel):
 
 
 def _resolve_feedback(store: TraceStore, report: ScoringReport) -> None:
-    rows = q.numeric_feedback(store)
+    rows = store.numeric_feedback()
     if not rows:
         return
     by_id = {f["id"]: f for f in rows}
     recorded: set[str] = set()
     current: dict[tuple[str, str], str] = {}  # (turn_id, key) -> feedback id behind its score
-    for score in q.feedback_scores(store):
+    for score in store.feedback_scores():
         fid = (score.get("details") or {}).get("feedback_id")
         if fid:
             recorded.add(fid)
@@ -119,7 +118,7 @@ def _resolve_feedback(store: TraceStore, report: ScoringReport) -> None:
     pending = [f for f in rows if f["id"] not in recorded]
     if not pending:
         return
-    targets = q.feedback_targets(store, sorted({f["run_id"] for f in pending}))
+    targets = store.feedback_targets(sorted({f["run_id"] for f in pending}))
     writes: dict[tuple[str, str], dict[str, Any]] = {}
     for fb in pending:  # oldest first: the newest feedback on a turn wins, as in add_feedback
         target = targets.get(fb["run_id"])
@@ -141,7 +140,7 @@ def _resolve_feedback(store: TraceStore, report: ScoringReport) -> None:
             "reason": fb["comment"],
             "details": {"feedback_id": fb["id"], "run_id": fb["run_id"], "resolved_by": "scorer"},
         }
-    q.upsert_scores(store, list(writes.values()))
+    store.upsert_scores(list(writes.values()))
     report.feedback_resolved += len(writes)
 
 
@@ -187,7 +186,7 @@ def _score_rules(store: TraceStore, names: Sequence[str], report: ScoringReport,
     for name in names:
         source = rule_source(name)
         report.rule_scores.setdefault(name, 0)
-        pending = q.turns_without_score(store, source)
+        pending = store.turns_without_score(source)
         first_error: str | None = None
         for start in range(0, len(pending), page):
             turns = cache.load(pending[start:start + page])
@@ -206,7 +205,7 @@ def _score_rules(store: TraceStore, names: Sequence[str], report: ScoringReport,
                     continue
                 rows.append({"turn_id": turn.id, "episode_id": turn.episode_id, "source": source, "value": value,
                              "details": {"rule": name}})
-            q.upsert_scores(store, rows)
+            store.upsert_scores(rows)
             report.rule_scores[name] += len(rows)
         if report.rule_errors.get(name):
             logger.warning("reward rule %r failed on %d turn(s) (first: %s)", name, report.rule_errors[name],
@@ -214,10 +213,6 @@ def _score_rules(store: TraceStore, names: Sequence[str], report: ScoringReport,
 
 
 # ---------------------------------------------------------------------------------------------- PRM
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _wait_decision(evidence: TurnEvidence, episode: Episode | None, now: datetime,
@@ -270,7 +265,7 @@ class _PRMPass:
         self.store, self.graph, self.report, self.pending = store, graph, report, pending
         self.max_attempts, self.wait, self.concurrency, self.now = max_attempts, wait, concurrency, now
         self.tracker, self.stop_event = tracker, stop_event
-        self.attempts = q.attempts_of(store, [turn_id for turn_id, _ in pending])
+        self.attempts = store.score_attempts([turn_id for turn_id, _ in pending])
         self.failures: Counter[str] = Counter()
         self.queue: asyncio.Queue[TurnEvidence | None] = asyncio.Queue(maxsize=concurrency * 2)
 
@@ -347,7 +342,7 @@ async def _score_prm(
 
     graph = create_prm_graph(judge, votes=votes, vote_timeout=vote_timeout, rubric=rubric, aggregate=aggregate,
                              store=store)
-    pending = q.pending_prm_turns(store, max_attempts=max_attempts, limit=limit)
+    pending = store.pending_prm_turns(max_attempts=max_attempts, limit=limit)
     tracker = _Progress(progress, len(pending))
     try:
         if pending:
@@ -418,7 +413,7 @@ async def ascore_pending(
     _check_options(names, max_attempts=max_attempts, concurrency=concurrency)
     if isinstance(wait_for_next_message, int | float):
         wait_for_next_message = timedelta(seconds=wait_for_next_message)
-    now = _aware(now) if now is not None else datetime.now(UTC)
+    now = now if now is not None else datetime.now(UTC)
 
     report = ScoringReport()
     try:
@@ -471,7 +466,7 @@ def rollup(
     if by not in ("node", "episode"):
         msg = f"rollup by must be 'node' or 'episode', got {by!r}"
         raise ConfigurationError(msg)
-    return q.rollup(store, by, source=source, key=key)
+    return store.rollup(by, source=source, key=key)
 
 
 def judge_health(store: TraceStore, *, since: datetime | None = None, judge: str | None = None) -> dict[str, Any]:
@@ -481,4 +476,4 @@ def judge_health(store: TraceStore, *, since: datetime | None = None, judge: str
     "latency_ms": {"mean", "p50", "p95", "max"}, "tokens": {"input", "output"}, "judges": {name: calls},
     "last_call_at"}``.
     """
-    return q.judge_health(store, since=since, judge=judge)
+    return store.judge_health(failure_kinds=FAILURE_KINDS, since=since, judge=judge)

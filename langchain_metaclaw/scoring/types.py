@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["JUDGE_TAG", "MessageView", "ToolResult", "TurnEvidence"]
+from langchain_metaclaw.store.scores import JUDGE_TAG  # its home is the store: its queries skip judge calls
 
-JUDGE_TAG = "metaclaw:judge"
-"""Tag on every judge call, so captured judge calls are never scored themselves."""
+__all__ = ["JUDGE_TAG", "MessageView", "ToolResult", "TurnEvidence"]
 
 
 class MessageView(TypedDict, total=False):

@@ -4,12 +4,16 @@ Every stage of the loop reads its input from these tables and writes its output 
 flows one way), so each stage can crash and restart without losing work. Upgrades of an existing
 database go through ``migrations.py``; a new database is created from these definitions directly.
 
-Times are stored in UTC. JSON columns hold LangChain-serialised messages, token ids and logprobs.
+Times are stored in UTC and read back as aware UTC datetimes (:class:`UTCDateTime`), on SQLite as on
+PostgreSQL, so no reader has to repair a naive value. JSON columns hold LangChain-serialised messages, token ids and logprobs.
 Turns reference episodes by id without a foreign-key constraint on purpose: capture writes are
 idempotent upserts that may arrive in any order after a spool replay.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -22,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -32,7 +37,38 @@ SCHEMA_VERSION = 1
 metadata = MetaData()
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
-UTCDateTime = DateTime(timezone=True)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that writes UTC and always reads back an aware UTC datetime.
+
+    SQLite has no time zone type: SQLAlchemy stores the wall time and drops the offset, so an aware value
+    in another zone would be stored wrong and every value comes back naive. PostgreSQL returns aware values
+    in the session's zone. Here every bound value is converted to UTC first (which also keeps SQLite's
+    text comparison in time order) and every result is aware UTC. A naive value is taken to be UTC already
+    (what ``datetime.utcnow()`` and older SQLite rows hold) rather than refused, so existing callers that
+    bind the naive UTC wall time keep working. The DDL is the one ``DateTime(timezone=True)`` emits.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            msg = f"expected a datetime for a UTCDateTime column, got {type(value).__name__}"
+            raise TypeError(msg)
+        if value.tzinfo is None or value.utcoffset() is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 episodes = Table(
     "episodes",

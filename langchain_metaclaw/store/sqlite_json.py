@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from sqlalchemy import JSON, Column, DateTime, Table
+from sqlalchemy import JSON, Column, Table
 
 from langchain_metaclaw.store import schema
 
@@ -49,7 +49,7 @@ def _insert(table: Table, record_types: tuple[str, ...], values: dict[str, str],
 def _convert(column: Column) -> str:
     if isinstance(column.type, JSON):
         return f"coalesce({column.name}, 'null')"  # SQLAlchemy stores None as JSON null
-    if isinstance(column.type, DateTime):
+    if isinstance(column.type, schema.UTCDateTime):
         return _time(column.name)
     return column.name
 

@@ -19,12 +19,10 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from pydantic import BaseModel
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -32,55 +30,42 @@ from sqlalchemy.pool import StaticPool
 from langchain_metaclaw.config import get_settings, metaclaw_home
 from langchain_metaclaw.errors import StoreError
 from langchain_metaclaw.store import schema, sqlite_json
-from langchain_metaclaw.store.migrations import MIGRATIONS, applied_migrations, migrate
-from langchain_metaclaw.store.records import (
-    AdapterVersion,
-    Episode,
-    Feedback,
-    Score,
-    TrainRun,
-    Turn,
-    TurnKind,
-)
+from langchain_metaclaw.store.base import StoreBase
+from langchain_metaclaw.store.health import HealthMixin
+from langchain_metaclaw.store.migrations import migrate
+from langchain_metaclaw.store.records import AdapterVersion, Episode, Turn, TurnKind
+from langchain_metaclaw.store.scores import ScoresMixin
 from langchain_metaclaw.store.spool import orphan_segments, read_segment
+from langchain_metaclaw.store.training_queries import TrainingQueriesMixin
 
 logger = logging.getLogger(__name__)
-
-R = TypeVar("R", bound=BaseModel)
 
 _TIME_FIELDS = ("started_at", "ended_at", "created_at")
 
 
-def _utc(value: Any) -> datetime | None:
-    """Datetimes from records (epoch seconds or ISO strings) and from SQLite (naive) as aware UTC."""
-    if value is None:
-        return None
+def _record_time(value: Any) -> datetime | None:
+    """A capture record's time (epoch seconds, an ISO string or a datetime) as a datetime.
+
+    Naive values need no repair here: :class:`~langchain_metaclaw.store.schema.UTCDateTime` stores them as UTC.
+    """
     if isinstance(value, int | float):
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _to_record(model: type[R], row: Any) -> R:
-    data = dict(row._mapping)
-    for key, value in data.items():
-        if isinstance(value, datetime):
-            data[key] = _utc(value)
-    return model.model_validate({k: v for k, v in data.items() if v is not None})
+        return datetime.fromisoformat(value)
+    return value
 
 
 _TURN_COLUMNS = tuple(c.name for c in schema.turns.columns)
 
 
 def _episode_row(rec: dict[str, Any]) -> dict[str, Any]:
-    ended = _utc(rec.get("ended_at"))
+    ended = _record_time(rec.get("ended_at"))
     return {
         "id": rec["id"],
         "thread_id": rec.get("thread_id"),
         "root_run_id": rec.get("root_run_id"),
         "graph_name": rec.get("graph_name"),
-        "started_at": _utc(rec.get("started_at")) or ended,
+        "started_at": _record_time(rec.get("started_at")) or ended,
         "ended_at": ended,
         "status": rec.get("status", "running"),
         "error": rec.get("error"),
@@ -91,7 +76,7 @@ def _episode_row(rec: dict[str, Any]) -> dict[str, Any]:
 def _turn_row(rec: dict[str, Any]) -> dict[str, Any]:
     row = {c: rec.get(c) for c in _TURN_COLUMNS}
     for f in _TIME_FIELDS:
-        row[f] = _utc(row[f])
+        row[f] = _record_time(row[f])
     row["created_at"] = row["created_at"] or row["ended_at"] or row["started_at"]
     return row
 
@@ -136,8 +121,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class TraceStore:
+class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, StoreBase):
     """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
+
+    Capture writes, episode and turn reads and adapters live here; scores, feedback and judge calls in
+    :class:`~langchain_metaclaw.store.scores.ScoresMixin`, train runs and training data in
+    :class:`~langchain_metaclaw.store.training_queries.TrainingQueriesMixin`, counts and checks in
+    :class:`~langchain_metaclaw.store.health.HealthMixin`.
 
     >>> store = TraceStore("sqlite:///metaclaw.db")          # doctest: +SKIP
     >>> store.turns(kind="llm")[0].completion_token_ids      # doctest: +SKIP
@@ -186,10 +176,6 @@ class TraceStore:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
 
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
-
     def close(self) -> None:
         self.engine.dispose()
 
@@ -223,9 +209,6 @@ class TraceStore:
         with self.engine.begin() as conn:
             for statement in sqlite_json.STATEMENTS:
                 conn.exec_driver_sql(statement, (batch,))
-
-    def _insert(self, table):
-        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
     @cached_property
     def _capture_statements(self):
@@ -283,10 +266,6 @@ class TraceStore:
 
     # ------------------------------------------------------------------ reads
 
-    def _select(self, model: type[R], stmt) -> list[R]:
-        with self.engine.connect() as conn:
-            return [_to_record(model, row) for row in conn.execute(stmt)]
-
     def episodes(
         self,
         *,
@@ -309,8 +288,7 @@ class TraceStore:
         return self._select(Episode, stmt)
 
     def episode(self, episode_id: str) -> Episode | None:
-        found = self._select(Episode, select(schema.episodes).where(schema.episodes.c.id == episode_id))
-        return found[0] if found else None
+        return self._select_one(Episode, select(schema.episodes).where(schema.episodes.c.id == episode_id))
 
     def turns(
         self,
@@ -346,154 +324,7 @@ class TraceStore:
         found = self.turns(ids=[str(run_id)])
         return found[0] if found else None
 
-    # ------------------------------------------------------------------ feedback and scores
-
-    def add_feedback(
-        self,
-        run_id: str | uuid.UUID,
-        score: float | None = None,
-        comment: str | None = None,
-        *,
-        key: str = "user_score",
-        value: Any = None,
-        correction: Any = None,
-        source_info: dict[str, Any] | None = None,
-    ) -> Feedback:
-        """Record explicit feedback on a run, like LangSmith's ``create_feedback``.
-
-        ``run_id`` may be an LLM turn or the root run of an agent invocation (then the feedback is about
-        that invocation's last LLM turn). Numeric feedback also becomes a score with ``source="feedback"``
-        so training sees it next to judge and rule rewards; feedback on a run that capture has not written
-        yet is kept and picked up by the scorer later.
-        """
-        if score is not None and not isinstance(score, int | float):
-            msg = f"feedback score must be a number or None, got {type(score).__name__}"
-            raise TypeError(msg)
-        now = datetime.now(UTC)
-        row = {
-            "id": str(uuid.uuid4()),
-            "run_id": str(run_id),
-            "key": key,
-            "score": None if score is None else float(score),
-            "value": value,
-            "comment": comment,
-            "correction": correction,
-            "source_info": source_info or {},
-            "created_at": now,
-        }
-        with self.engine.begin() as conn:
-            conn.execute(schema.feedback.insert(), row)
-            target = self._feedback_target(conn, str(run_id))
-            if target is not None and score is not None:
-                self._upsert_score(
-                    conn,
-                    turn_id=target[0],
-                    episode_id=target[1],
-                    source="feedback",
-                    key=key,
-                    value=float(score),
-                    confidence=1.0,
-                    reason=comment,
-                    details={"feedback_id": row["id"], "run_id": str(run_id)},
-                )
-        return Feedback.model_validate(row)
-
-    def thumbs(self, run_id: str | uuid.UUID, up: bool, comment: str | None = None) -> Feedback:
-        """Thumbs up (+1) or down (-1) on a run: the usual chat UI button."""
-        return self.add_feedback(run_id, 1.0 if up else -1.0, comment, key="thumbs")
-
-    def _feedback_target(self, conn: Connection, run_id: str) -> tuple[str, str] | None:
-        t = schema.turns
-        row = conn.execute(select(t.c.id, t.c.episode_id).where(t.c.id == run_id)).first()
-        if row is None:
-            row = conn.execute(
-                select(t.c.id, t.c.episode_id)
-                .where(t.c.root_run_id == run_id, t.c.kind == "llm")
-                .order_by(t.c.started_at.desc(), t.c.seq.desc())
-                .limit(1)
-            ).first()
-        return (row[0], row[1]) if row else None
-
-    def feedback(self, run_id: str | uuid.UUID | None = None) -> list[Feedback]:
-        stmt = select(schema.feedback).order_by(schema.feedback.c.created_at)
-        if run_id is not None:
-            stmt = stmt.where(schema.feedback.c.run_id == str(run_id))
-        return self._select(Feedback, stmt)
-
-    def add_score(
-        self,
-        turn_id: str | uuid.UUID,
-        value: float | None,
-        *,
-        source: str,
-        key: str = "reward",
-        confidence: float | None = None,
-        reason: str | None = None,
-        details: dict[str, Any] | None = None,
-        status: str = "scored",
-        episode_id: str | None = None,
-    ) -> None:
-        """Insert or replace the score of ``turn_id`` from ``source``/``key`` (``attempts`` counts writes)."""
-        with self.engine.begin() as conn:
-            if episode_id is None:
-                episode_id = conn.execute(
-                    select(schema.turns.c.episode_id).where(schema.turns.c.id == str(turn_id))
-                ).scalar()
-            self._upsert_score(
-                conn,
-                turn_id=str(turn_id),
-                episode_id=episode_id,
-                source=source,
-                key=key,
-                value=value,
-                confidence=confidence,
-                reason=reason,
-                details=details,
-                status=status,
-            )
-
-    def _upsert_score(self, conn: Connection, *, status: str = "scored", **fields: Any) -> None:
-        now = datetime.now(UTC)
-        stmt = self._insert(schema.scores).values(
-            **fields, status=status, attempts=1, created_at=now, updated_at=now
-        )
-        ex = stmt.excluded
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["turn_id", "source", "key"],
-                set_={
-                    "value": ex.value,
-                    "confidence": ex.confidence,
-                    "status": ex.status,
-                    "reason": ex.reason,
-                    "details": ex.details,
-                    "updated_at": ex.updated_at,
-                    "attempts": schema.scores.c.attempts + 1,
-                },
-            )
-        )
-
-    def scores(
-        self,
-        turn_id: str | uuid.UUID | None = None,
-        *,
-        source: str | None = None,
-        episode_id: str | None = None,
-        status: str | None = None,
-    ) -> list[Score]:
-        t = schema.scores
-        stmt = select(t).order_by(t.c.id)
-        if turn_id is not None:
-            stmt = stmt.where(t.c.turn_id == str(turn_id))
-        if source is not None:
-            stmt = stmt.where(t.c.source == source)
-        if episode_id is not None:
-            stmt = stmt.where(t.c.episode_id == episode_id)
-        if status is not None:
-            stmt = stmt.where(t.c.status == status)
-        return self._select(Score, stmt)
-
-    # ------------------------------------------------------------------ adapters and training runs
+    # ------------------------------------------------------------------ adapters
 
     def add_adapter(
         self,
@@ -523,8 +354,7 @@ class TraceStore:
         return AdapterVersion.model_validate(row)
 
     def adapter(self, version: str) -> AdapterVersion | None:
-        found = self._select(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
-        return found[0] if found else None
+        return self._select_one(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
 
     def adapters(self, status: str | None = None) -> list[AdapterVersion]:
         t = schema.adapters
@@ -537,41 +367,6 @@ class TraceStore:
         with self.engine.begin() as conn:
             conn.execute(update(schema.adapters).where(schema.adapters.c.version == version).values(**fields))
 
-    def start_train_run(self, *, backend: str | None = None, config: dict[str, Any] | None = None,
-                        base_adapter: str | None = None, metrics: dict[str, Any] | None = None) -> TrainRun:
-        row = {
-            "base_adapter": base_adapter,
-            "id": str(uuid.uuid4()),
-            "started_at": datetime.now(UTC),
-            "status": "running",
-            "backend": backend,
-            "steps": 0,
-            "samples": [],
-            "metrics": metrics or {},
-            "config": config or {},
-        }
-        with self.engine.begin() as conn:
-            conn.execute(schema.train_runs.insert(), row)
-        return TrainRun.model_validate(row)
-
-    def update_train_run(self, run_id: str, **fields: Any) -> None:
-        """Record a running train run's progress (steps, samples, metrics with its latest checkpoint), so that
-        a run whose process dies can be resumed from where it got to."""
-        with self.engine.begin() as conn:
-            conn.execute(update(schema.train_runs).where(schema.train_runs.c.id == run_id).values(**fields))
-
-    def finish_train_run(self, run_id: str, *, status: str, reason: str | None = None, **fields: Any) -> None:
-        values = {"status": status, "reason": reason, "ended_at": datetime.now(UTC), **fields}
-        with self.engine.begin() as conn:
-            conn.execute(update(schema.train_runs).where(schema.train_runs.c.id == run_id).values(**values))
-
-    def train_runs(self, limit: int | None = None) -> list[TrainRun]:
-        t = schema.train_runs
-        stmt = select(t).order_by(t.c.started_at.desc())
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        return self._select(TrainRun, stmt)
-
     def requests_per_minute(self, window_s: float = 300.0) -> float:
         """LLM calls per minute over the last ``window_s`` seconds (the MadMax serving-load signal)."""
         since = datetime.now(UTC) - timedelta(seconds=window_s)
@@ -579,41 +374,3 @@ class TraceStore:
         with self.engine.connect() as conn:
             n = conn.execute(select(func.count()).select_from(t).where(t.c.kind == "llm", t.c.created_at >= since)).scalar_one()
         return n * 60.0 / window_s
-
-    # ------------------------------------------------------------------ health
-
-    def counts(self) -> dict[str, int]:
-        """Row counts per table, for ``metaclaw status``."""
-        tables = [schema.episodes, schema.turns, schema.scores, schema.feedback, schema.adapters, schema.train_runs]
-        with self.engine.connect() as conn:
-            return {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one() for t in tables}
-
-    def verify(self) -> list[str]:
-        """Problems found in the store; an empty list means it is healthy."""
-        problems: list[str] = []
-        with self.engine.connect() as conn:
-            done = applied_migrations(conn)
-            missing = [m.__name__ for m in MIGRATIONS if m.__name__ not in done]
-            if missing:
-                problems.append(f"migrations not applied: {', '.join(missing)}")
-            tables = set(inspect(conn).get_table_names())
-            for table in schema.metadata.sorted_tables:
-                if table.name not in tables:
-                    problems.append(f"table missing: {table.name}")
-            if self.dialect == "sqlite":
-                result = conn.execute(text("PRAGMA quick_check")).scalar()
-                if result != "ok":
-                    problems.append(f"sqlite quick_check: {result}")
-            if "turns" in tables and "episodes" in tables:
-                orphans = conn.execute(
-                    select(func.count())
-                    .select_from(schema.turns)
-                    .where(~schema.turns.c.episode_id.in_(select(schema.episodes.c.id)))
-                ).scalar_one()
-                if orphans:
-                    problems.append(f"{orphans} turn(s) reference a missing episode")
-        leftover = orphan_segments(self.spool_dir)
-        if leftover:
-            problems.append(f"{len(leftover)} spool segment(s) from dead processes not replayed yet")
-        return problems
-

@@ -76,15 +76,10 @@ def collect_samples(
     task_key: Callable[[Turn], str] = default_task_key,
 ) -> list[Sample]:
     """Successful llm turns that have at least one reward, oldest first."""
-    by_turn: dict[str, list[Score]] = {}
-    for score in store.scores(status="scored"):
-        by_turn.setdefault(score.turn_id, []).append(score)
-    if not by_turn:
-        return []
     samples = []
-    for turn in store.turns(kind="llm", since=since, ids=list(by_turn)):
-        reward = combine_rewards(by_turn[turn.id], weights)
-        if reward is None or turn.status != "ok" or turn.output_message is None:
+    for turn, scores in store.scored_turns(since=since):
+        reward = combine_rewards(scores, weights)
+        if reward is None or turn.output_message is None:
             continue
         samples.append(
             Sample(

@@ -313,16 +313,7 @@ class Trainer:
         if current is None:
             return None
 
-        def live(version: str | None) -> list[float]:
-            ids = [t.id for t in self.store.turns(kind="llm") if t.adapter_version == version]
-            scores = [
-                s.value
-                for s in self.store.scores(status="scored")
-                if s.turn_id in set(ids) and s.value is not None
-            ]
-            return scores
-
-        now, before = live(current.version), live(current.parent_version)
+        now, before = self.store.live_rewards(current.version), self.store.live_rewards(current.parent_version)
         n = self.config.live_min_samples
         if len(now) < n or len(before) < n:
             return None
