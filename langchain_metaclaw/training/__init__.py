@@ -1,4 +1,5 @@
-"""Training: the records a backend takes, the ``TrainingBackend`` protocol, and its backends.
+"""Training: the records a backend takes, the ``TrainingBackend`` protocol, its backends, and the ``Sampler``
+a backend hands over for its own weights.
 
 Importing this package is cheap (no torch, no tinker): backends and losses load on first use.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from langchain_metaclaw.training.sampler import SampledCompletion, Sampler
 from langchain_metaclaw.training.types import (
     AdamParams,
     Datum,
@@ -54,6 +56,8 @@ __all__ = [
     "LossFnName",
     "Metrics",
     "OptimStepResult",
+    "SampledCompletion",
+    "Sampler",
     "SavedWeights",
     "TinkerTrainingBackend",
     "TokenSeq",
