@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from langchain_metaclaw._compat import lazy_exports
+from langchain_metaclaw.training.sampler import SampledCompletion, Sampler
 from langchain_metaclaw.training.types import (
     AdamParams,
     Datum,
@@ -54,6 +55,8 @@ __all__ = [
     "LossFnName",
     "Metrics",
     "OptimStepResult",
+    "SampledCompletion",
+    "Sampler",
     "SavedWeights",
     "TinkerTrainingBackend",
     "TokenSeq",

@@ -21,28 +21,22 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from langchain_metaclaw.adapters import AdapterRegistry
 from langchain_metaclaw.errors import BackendUnavailableError, MetaClawError
-from langchain_metaclaw.store.records import TrainRun
+from langchain_metaclaw.store.records import AdapterVersion, TrainRun
 from langchain_metaclaw.store.trace_store import TraceStore
-from langchain_metaclaw.training.data import (
-    RunningBaseline,
-    Sample,
-    collect_samples,
-    drop_stale,
-    group_advantages,
-    sample_to_datum,
-)
-from langchain_metaclaw.training.types import AdamParams, Datum, datum_from_tokens
+from langchain_metaclaw.training.data import RunningBaseline, Sample, group_advantages, sample_to_datum
+from langchain_metaclaw.training.rollouts import RewardFn, group_data, mean_greedy_reward, scored_groups
+from langchain_metaclaw.training.sampler import ChatPrompt, Sampler
+from langchain_metaclaw.training.selection import Plan, select
+from langchain_metaclaw.training.types import AdamParams, Datum
 
 logger = logging.getLogger(__name__)
-
-RewardFn = Callable[[list[dict[str, Any]], str], float | None]
-"""``(prompt messages as chat dicts, completion text) -> reward`` for on-policy groups and evaluation."""
 
 
 class TrainerConfig(BaseModel):
@@ -90,8 +84,24 @@ class TrainerConfig(BaseModel):
     low_priority: bool = True
 
 
+@dataclass
+class _Loop:
+    """The state the step loop carries: the current policy's sampler and what was trained so far."""
+
+    metrics: dict[str, Any]
+    sampler: Sampler | None = None
+    steps: int = 0
+    trained: list[str] = field(default_factory=list)
+    stopped: str | None = None
+
+
 class Trainer:
     """Train LoRA adapters from a trace store and promote the ones that are better.
+
+    The loop is tinker-cookbook's: select -> prepare -> train_step -> sampler -> gate. Every policy it
+    samples from (on-policy groups, the candidate and the serving adapter at the gate) is a
+    :class:`~langchain_metaclaw.training.sampler.Sampler` the training backend hands over, so the loop runs
+    the same on the local engine and on Tinker / MinT.
 
     Args:
         store: the trace store (samples in, candidates and train runs out).
@@ -115,6 +125,7 @@ class Trainer:
         self.reward_fn = reward_fn
         self.registry = AdapterRegistry(store)
         self._backend = backend
+        self._owns_backend = backend is None
         self._eval_prompts = list(eval_prompts) if eval_prompts is not None else None
         self._baseline = RunningBaseline()
         self._rng = random.Random(self.config.seed)
@@ -144,17 +155,17 @@ class Trainer:
             self._backend = get_backend(cfg.backend, **kwargs)
         return self._backend
 
-    def _engine(self):
-        from langchain_metaclaw.chat_model.backends.local import shared_engine
+    def close(self) -> None:
+        """Close the backend this trainer built (one passed in stays its owner's)."""
+        if self._owns_backend and self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
-        return shared_engine(self.config.base_model)
-
-    def _trained_turns(self) -> set[str]:
-        done: set[str] = set()
-        for run in self.store.train_runs():
-            if run.status in ("ok", "stopped", "interrupted"):
-                done.update(run.samples)
-        return done
+    def _sampler_for(self, adapter: AdapterVersion | None) -> Sampler:
+        """A sampler on a registered version (``None``: the base model), from the training backend."""
+        if adapter is None:
+            return self.backend.sampler()
+        return self.backend.sampler(adapter.version, adapter.uri)
 
     def _close_dead_runs(self, run_id: str, current: Any) -> TrainRun | None:
         """Close the runs whose process died mid-run; return the newest one this run resumes from.
@@ -180,38 +191,6 @@ class Trainer:
                 self.store.finish_train_run(run.id, status="error", reason=f"{died}; not resumed ({why})")
         return resumed
 
-    def _fresh_samples(self) -> tuple[list[Sample], dict[str, Any]]:
-        cfg = self.config
-        samples = collect_samples(self.store)
-        trained = self._trained_turns()
-        fresh = [s for s in samples if s.turn_id not in trained]
-        order = [a.version for a in self.registry.versions()]
-        current = self.registry.current()
-        kept, stale = drop_stale(fresh, order, current.version if current else None, cfg.max_staleness)
-        return kept, {
-            "samples_scored": float(len(samples)),
-            "samples_fresh": float(len(fresh)),
-            "dropped_stale": float(stale),
-        }
-
-    @staticmethod
-    def _chat(sample: Sample) -> list[dict[str, Any]]:
-        from langchain_core.messages import messages_from_dict
-
-        from langchain_metaclaw.messages import convert_messages
-
-        return convert_messages(messages_from_dict(sample.messages)) if sample.messages else []
-
-    def _prompts(self, samples: Sequence[Sample]) -> list[list[dict[str, Any]]]:
-        """Distinct captured prompts (chat dicts), most recent first."""
-        seen, prompts = set(), []
-        for sample in reversed(samples):
-            chat = self._chat(sample)
-            if chat and repr(chat) not in seen:
-                seen.add(repr(chat))
-                prompts.append(chat)
-        return prompts
-
     # ------------------------------------------------------------------ one step
 
     def _offpolicy_data(self, samples: Sequence[Sample]) -> tuple[list[Datum], dict[str, float]]:
@@ -230,57 +209,36 @@ class Trainer:
                 data[i] = data[i].with_inputs(logprobs=logprobs)
         return data, {"retokenized_recomputed": float(len(retokenized))}
 
-    def _onpolicy_data(
-        self, prompts: Sequence[list[dict[str, Any]]], adapter: str | None
-    ) -> tuple[list[Datum], dict[str, float]]:
-        """G completions per prompt from the current weights, scored by ``reward_fn``, group advantages."""
+    def _onpolicy_data(self, prompts: Sequence[ChatPrompt], sampler: Sampler) -> tuple[list[Datum], dict[str, float]]:
+        """G completions per prompt from ``sampler`` (the current weights), scored by ``reward_fn``; a
+        constant group is sampled once more at ``explore_temperature`` when that is on."""
         cfg = self.config
-        data: list[Datum] = []
-        rewards_all: list[float] = []
-        constant = explored = 0
-        for prompt in prompts:
-            pairs = self._scored_group(prompt, adapter, cfg.temperature)
-            advantages = group_advantages([w for _, w in pairs], normalize=cfg.normalize_group_advantages)
-            if advantages is None and cfg.explore_temperature:
-                explored += 1
-                pairs = self._scored_group(prompt, adapter, cfg.explore_temperature)
-                advantages = group_advantages([w for _, w in pairs], normalize=cfg.normalize_group_advantages)
-            rewards_all.extend(w for _, w in pairs)
-            if advantages is None:
-                constant += 1
-                if not cfg.kl_coef:
-                    continue
-                # no reward signal, but the KL term still pulls a collapsed policy back toward the base
-                advantages = [0.0] * len(pairs)
-            for (result, _), adv in zip(pairs, advantages, strict=True):
-                data.append(
-                    datum_from_tokens(
-                        result.prompt_token_ids, result.completion_token_ids, result.logprobs, adv
-                    )
-                )
+        groups = self._scored_groups(sampler, prompts, cfg.temperature)
+        flat = [i for i, g in enumerate(groups) if group_advantages([w for _, w in g]) is None]
+        if flat and cfg.explore_temperature:
+            again = self._scored_groups(sampler, [prompts[i] for i in flat], cfg.explore_temperature)
+            for i, group in zip(flat, again, strict=True):
+                groups[i] = group
+        data, constant = group_data(groups, normalize=cfg.normalize_group_advantages, kl_coef=cfg.kl_coef)
+        rewards = [w for g in groups for _, w in g]
         metrics = {
             "groups": float(len(prompts)),
             "constant_groups": float(constant),
-            "explored_groups": float(explored),
-            "group_reward:mean": statistics.fmean(rewards_all) if rewards_all else 0.0,
+            "explored_groups": float(len(flat) if cfg.explore_temperature else 0),
+            "group_reward:mean": statistics.fmean(rewards) if rewards else 0.0,
         }
         return data, metrics
 
-    def _scored_group(
-        self, prompt: list[dict[str, Any]], adapter: str | None, temperature: float
-    ) -> list[tuple[Any, float]]:
-        """``group_size`` completions of ``prompt`` with their rewards (completions without one dropped)."""
-        # one batched decode per group: the prompt is prefilled once, the G rows decode together
-        results = self._engine().sample_group(
-            prompt,
+    def _scored_groups(self, sampler: Sampler, prompts: Sequence[ChatPrompt], temperature: float):
+        return scored_groups(
+            sampler,
+            prompts,
+            self.reward_fn,  # type: ignore[arg-type]  # on-policy runs only with a reward_fn
             n=self.config.group_size,
-            adapter=adapter,
-            max_new_tokens=self.config.max_new_tokens,
+            max_tokens=self.config.max_new_tokens,
             temperature=temperature,
             seed=self._rng.randrange(2**31),
         )
-        rewards = [self.reward_fn(prompt, r.text) for r in results]
-        return [(r, float(w)) for r, w in zip(results, rewards, strict=True) if w is not None]
 
     def train_step(self, data: Sequence[Datum]) -> dict[str, float]:
         cfg = self.config
@@ -291,21 +249,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and promotion
 
-    def evaluate(self, adapter: str | None, prompts: Sequence[list[dict[str, Any]]]) -> float | None:
-        """Mean ``reward_fn`` of greedy answers by ``adapter`` (``None``: base) on ``prompts``."""
+    def evaluate(self, adapter: str | Sampler | None, prompts: Sequence[list[dict[str, Any]]]) -> float | None:
+        """Mean ``reward_fn`` of greedy answers by ``adapter`` on ``prompts``.
+
+        ``adapter``: a registered version, ``None`` for the base model, or a ready :class:`Sampler`.
+        """
         if self.reward_fn is None or not prompts:
             return None
-        engine = self._engine()
-        rewards = []
-        # greedy, several prompts per batched decode (the same tokens as generate() one prompt at a time)
-        results = engine.generate_batch(
-            list(prompts), adapter=adapter, max_new_tokens=self.config.max_new_tokens
-        )
-        for prompt, result in zip(prompts, results, strict=True):
-            reward = self.reward_fn(prompt, result.text)
-            if reward is not None:
-                rewards.append(float(reward))
-        return statistics.fmean(rewards) if rewards else None
+        if isinstance(adapter, str | None):
+            return self._evaluate_version(self.registry.get(adapter) if adapter else None, prompts)
+        return mean_greedy_reward(adapter, prompts, self.reward_fn, max_tokens=self.config.max_new_tokens)
+
+    def _evaluate_version(self, adapter: AdapterVersion | None, prompts: Sequence[ChatPrompt]) -> float | None:
+        sampler = self._sampler_for(adapter)
+        try:
+            return self.evaluate(sampler, prompts)
+        finally:
+            sampler.close()
 
     def check_live_reward(self) -> str | None:
         """Roll back the serving adapter when its live reward fell below its parent's; returns what it did."""
@@ -363,119 +323,110 @@ class Trainer:
         return next(r for r in self.store.train_runs() if r.id == run_id)
 
     def _run(self, run_id: str, current, max_steps: int, stop_event: threading.Event, progress) -> TrainRun:
-        cfg = self.config
-        rolled = self.check_live_reward()
-        if rolled:
+        """select -> prepare -> (train_step -> sampler) x steps -> candidate -> gate."""
+        if self.check_live_reward():
             current = self.registry.current()
         resumed = self._close_dead_runs(run_id, current)
-        samples, meta = self._fresh_samples()
-        meta["owner"] = _owner()
-        onpolicy = cfg.group_size > 1 and self.reward_fn is not None
-        if not samples and not onpolicy:
-            reason = (
-                "no scored turns yet"
-                if meta["samples_scored"] == 0
-                else f"all {int(meta['samples_fresh'])} fresh samples are stale (> {cfg.max_staleness} versions old)"
-                if meta["samples_fresh"]
-                else "no new scored turns since the last run"
-            )
-            self.store.finish_train_run(run_id, status="skipped", reason=reason, metrics=meta)
+        plan, skipped = select(
+            self.store,
+            self.registry,
+            self.config,
+            onpolicy=self.config.group_size > 1 and self.reward_fn is not None,
+            eval_prompts=self._eval_prompts,
+            owner=_owner(),
+        )
+        if skipped:
+            self.store.finish_train_run(run_id, status="skipped", reason=skipped, metrics=plan.meta)
             return self._get_run(run_id)
-        if not onpolicy and len(samples) < cfg.min_samples:
+        loop = self._prepare(run_id, plan, current, resumed)
+        try:
+            self._train(run_id, plan, loop, max_steps, stop_event, progress)
+        finally:
+            if loop.sampler is not None:
+                loop.sampler.close()
+        loop.metrics["steps"] = float(loop.steps)
+        if loop.steps == 0:
             self.store.finish_train_run(
                 run_id,
-                status="skipped",
-                metrics=meta,
-                reason=f"{len(samples)} fresh scored samples < min_samples={cfg.min_samples}",
+                status="stopped" if loop.stopped else "skipped",
+                reason=loop.stopped or "no step had any signal (every group scored alike)",
+                metrics=loop.metrics,
+                samples=loop.trained,
             )
             return self._get_run(run_id)
-        eval_prompts = self._eval_prompts
-        prompts = self._prompts(samples)
-        if eval_prompts is None:  # hold out the most recent prompts; never train on them
-            eval_prompts, prompts = prompts[: cfg.eval_prompts // 2], prompts[cfg.eval_prompts // 2 :]
-        held_out = {repr(p) for p in eval_prompts}
-        samples = [s for s in samples if repr(self._chat(s)) not in held_out]
-        meta["held_out_prompts"] = float(len(eval_prompts))
-        if not onpolicy and not samples:
-            self.store.finish_train_run(
-                run_id,
-                status="skipped",
-                metrics=meta,
-                reason="every fresh sample is held out for evaluation; waiting for more traffic",
-            )
-            return self._get_run(run_id)
-        if onpolicy and not prompts:
-            self.store.finish_train_run(
-                run_id, status="skipped", metrics=meta, reason="no captured prompts to sample"
-            )
-            return self._get_run(run_id)
+        self._finish_with_candidate(run_id, plan, loop, current)
+        return self._get_run(run_id)
 
+    def _prepare(self, run_id: str, plan: Plan, current: AdapterVersion | None, resumed: TrainRun | None) -> _Loop:
+        """Load the weights to start from; for on-policy runs, get a sampler on exactly those weights."""
         backend = self.backend
         if resumed is not None:
             backend.load_state(resumed.metrics["checkpoint"])
-            meta["resumed_from"] = resumed.id
+            plan.meta["resumed_from"] = resumed.id
         elif current is not None and current.metrics.get("state_path"):
             backend.load_state(current.metrics["state_path"])
-        step_adapter = current.version if current else None
-        engine = self._engine() if onpolicy else None
-        if engine is not None and resumed is not None:  # sample from the weights the dead run got to
-            step_adapter = f"{run_id[:8]}-s0"
-            engine.load_adapter(step_adapter, backend.save_weights_for_sampler(step_adapter).path_or_uri)
-        elif engine is not None and current is not None and current.version not in engine.adapters:
-            engine.load_adapter(current.version, current.uri)
-        trained: list[str] = []
-        steps = 0
-        metrics: dict[str, Any] = dict(meta)
-        stopped = None
+        loop = _Loop(metrics=dict(plan.meta))
+        if plan.onpolicy:
+            # a resumed run samples from the weights the dead run got to, else from the serving version
+            loop.sampler = (
+                backend.save_weights_and_get_sampler(f"{run_id[:8]}-s0")
+                if resumed is not None
+                else self._sampler_for(current)
+            )
+        return loop
+
+    def _train(self, run_id: str, plan: Plan, loop: _Loop, max_steps: int, stop_event, progress) -> None:
+        """Up to ``max_steps`` steps; the stop event is checked before each, every step is checkpointed."""
         for step in range(max_steps):
             if stop_event.is_set():
-                stopped = f"stop requested before step {step + 1}"
-                break
+                loop.stopped = f"stop requested before step {step + 1}"
+                return
             started = time.monotonic()
-            if onpolicy:
-                batch_prompts = self._rng.sample(prompts, min(cfg.group_prompts, len(prompts)))
-                data, step_meta = self._onpolicy_data(batch_prompts, step_adapter)
-            else:
-                batch = samples[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                if not batch:
-                    break
-                data, step_meta = self._offpolicy_data(batch)
-                trained.extend(s.turn_id for s in batch)
+            step_data = self._step_data(plan, loop, step)
+            if step_data is None:
+                return
+            data, step_metrics = step_data
             if not data:
-                step_metrics = {**step_meta, "skipped_step": 1.0}
+                step_metrics["skipped_step"] = 1.0
             else:
-                step_metrics = {**step_meta, **self.train_step(data)}
-                steps += 1
-                if onpolicy:  # the next groups come from the weights just trained
-                    saved = backend.save_weights_for_sampler(f"{run_id[:8]}-s{steps}")
-                    name = f"{run_id[:8]}-s{steps}"
-                    engine.load_adapter(name, saved.path_or_uri)
-                    if step_adapter and step_adapter.startswith(run_id[:8]):
-                        engine.unload_adapter(step_adapter)
-                    step_adapter = name
+                step_metrics.update(self.train_step(data))
+                loop.steps += 1
+                if plan.onpolicy:  # the next groups come from the weights just trained
+                    self._next_sampler(run_id, loop)
             step_metrics["seconds"] = time.monotonic() - started
             self.history.append(step_metrics)
-            metrics = {**metrics, **{f"last_{k}": v for k, v in step_metrics.items()}}
+            loop.metrics = {**loop.metrics, **{f"last_{k}": v for k, v in step_metrics.items()}}
             if progress:
                 progress(step + 1, max_steps, step_metrics)
-            checkpoint = backend.save_state(f"{run_id[:8]}-ckpt")
-            metrics["checkpoint"] = checkpoint
-            self.store.update_train_run(run_id, steps=steps, samples=trained, metrics=metrics)
-        metrics["steps"] = float(steps)
-        if steps == 0:
-            status = "stopped" if stopped else "skipped"
-            self.store.finish_train_run(
-                run_id,
-                status=status,
-                reason=stopped or "no step had any signal (every group scored alike)",
-                metrics=metrics,
-                samples=trained,
-            )
-            return self._get_run(run_id)
+            loop.metrics["checkpoint"] = self.backend.save_state(f"{run_id[:8]}-ckpt")
+            self.store.update_train_run(run_id, steps=loop.steps, samples=loop.trained, metrics=loop.metrics)
 
+    def _step_data(self, plan: Plan, loop: _Loop, step: int) -> tuple[list[Datum], dict[str, float]] | None:
+        """This step's data: fresh groups from the current sampler, or the next batch of captured samples
+        (``None`` when the captured samples are used up)."""
+        cfg = self.config
+        if plan.onpolicy:
+            prompts = self._rng.sample(plan.prompts, min(cfg.group_prompts, len(plan.prompts)))
+            return self._onpolicy_data(prompts, loop.sampler)  # type: ignore[arg-type]
+        batch = plan.samples[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        if not batch:
+            return None
+        data, metrics = self._offpolicy_data(batch)
+        loop.trained.extend(s.turn_id for s in batch)
+        return data, metrics
+
+    def _next_sampler(self, run_id: str, loop: _Loop) -> None:
+        previous = loop.sampler
+        loop.sampler = self.backend.save_weights_and_get_sampler(f"{run_id[:8]}-s{loop.steps}")
+        if previous is not None:
+            previous.close()
+
+    def _finish_with_candidate(self, run_id: str, plan: Plan, loop: _Loop, current: AdapterVersion | None) -> None:
+        """Register what was learned as a candidate, gate it, and close the run."""
+        cfg = self.config
         version = f"{run_id[:8]}"
-        saved = backend.save_weights_for_sampler(f"cand-{version}")
-        state_path = backend.save_state(f"cand-{version}")
+        saved = self.backend.save_weights_for_sampler(f"cand-{version}")
+        state_path = self.backend.save_state(f"cand-{version}")
         candidate = self.registry.register(
             saved.path_or_uri,
             backend=cfg.backend,
@@ -483,38 +434,37 @@ class Trainer:
             parent_version=current.version if current else None,
             metrics={"state_path": state_path, "train_run": run_id},
         )
-        decision = self._gate(candidate.version, current.version if current else None, eval_prompts, metrics)
+        decision = self._gate(candidate, current, plan.eval_prompts)
         self.store.update_adapter(
             candidate.version, metrics={**candidate.metrics, **decision["metrics"]}, notes=decision["reason"]
         )
-        status = "stopped" if stopped else "ok"
         self.store.finish_train_run(
             run_id,
-            status=status,
-            reason=stopped or decision["reason"],
-            steps=steps,
-            samples=trained,
-            metrics={**metrics, **decision["metrics"]},
+            status="stopped" if loop.stopped else "ok",
+            reason=loop.stopped or decision["reason"],
+            steps=loop.steps,
+            samples=loop.trained,
+            metrics={**loop.metrics, **decision["metrics"]},
             candidate_adapter=candidate.version,
         )
-        return self._get_run(run_id)
 
-    def _gate(self, candidate: str, serving: str | None, prompts, metrics) -> dict[str, Any]:
+    def _gate(
+        self, candidate: AdapterVersion, serving: AdapterVersion | None, prompts: Sequence[ChatPrompt]
+    ) -> dict[str, Any]:
+        """Promote ``candidate`` when its held-out reward is not worse than the serving version's."""
         if self.reward_fn is None:
             return {"reason": "candidate kept: no reward_fn to evaluate it, promote by hand", "metrics": {}}
-        engine = self._engine()
-        adapter = self.registry.get(candidate)
-        if candidate not in engine.adapters:
-            engine.load_adapter(candidate, adapter.uri)
-        before = self.evaluate(serving, prompts)
-        after = self.evaluate(candidate, prompts)
+        before = after = None
+        if prompts:
+            before = self._evaluate_version(serving, prompts)
+            after = self._evaluate_version(candidate, prompts)
         result = {"eval_serving": before, "eval_candidate": after, "eval_prompts": float(len(prompts))}
         if before is None or after is None:
             return {"reason": "candidate kept: no held-out prompts scored", "metrics": result}
         if after >= before - self.config.promotion_margin:
-            self.registry.promote(candidate, validator=lambda a: None)
+            self.registry.promote(candidate.version, validator=lambda a: None)
             return {"reason": f"promoted: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
-        self.store.update_adapter(candidate, status="rejected")
+        self.store.update_adapter(candidate.version, status="rejected")
         return {"reason": f"rejected: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
 
 

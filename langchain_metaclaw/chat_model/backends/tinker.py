@@ -30,17 +30,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+from langchain_metaclaw._tinker import chat_prompt_ids, import_sdk, make_service_client, resolve
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
 
 __all__ = ["TinkerServingBackend"]
 
 logger = logging.getLogger(__name__)
-
-
-def _resolve(value: Any) -> Any:
-    """Unwrap an SDK future (0.38 client factories, every request) or pass a plain value through (0.22)."""
-    return value.result() if hasattr(value, "result") else value
 
 
 class TinkerServingBackend:
@@ -74,15 +70,12 @@ class TinkerServingBackend:
         if not base_model:
             msg = "backend='tinker' needs the base model the service samples from (model=...)"
             raise ConfigurationError(msg)
-        from langchain_metaclaw.training.backends.tinker import import_sdk
-
         self.sdk = sdk
         self._sdk = import_sdk(sdk)  # BackendUnavailableError naming the extra when missing
         self.types = self._sdk.types
         self.base_model = base_model
         if service_client is None:
-            kwargs = {k: v for k, v in {"api_key": api_key, "base_url": base_url}.items() if v}
-            service_client = self._sdk.ServiceClient(**kwargs)
+            service_client = make_service_client(self._sdk, api_key=api_key, base_url=base_url)
         self.service_client = service_client
         self._tokenizer = tokenizer
         self._stop_token_ids = [int(t) for t in stop_token_ids] if stop_token_ids else None
@@ -104,7 +97,7 @@ class TinkerServingBackend:
         if self._base is None:
             with self._lock:
                 if self._base is None:
-                    self._base = _resolve(self.service_client.create_sampling_client(base_model=self.base_model))
+                    self._base = resolve(self.service_client.create_sampling_client(base_model=self.base_model))
         return self._base
 
     @property
@@ -151,7 +144,7 @@ class TinkerServingBackend:
                 msg = f"An adapter named {version!r} is already loaded from {self._uris[version]}; give each version its own name."
                 raise AdapterError(msg)
         try:
-            client = _resolve(self.service_client.create_sampling_client(model_path=uri))
+            client = resolve(self.service_client.create_sampling_client(model_path=uri))
         except Exception as exc:
             msg = f"The {self.sdk} service refused adapter {version!r} at {uri}: {exc}"
             raise AdapterError(msg) from exc
@@ -166,7 +159,7 @@ class TinkerServingBackend:
         if not callable(get_base):
             return
         try:
-            base = _resolve(get_base())
+            base = resolve(get_base())
         except Exception as exc:  # noqa: BLE001 - the check is best effort; sampling would fail anyway
             logger.warning("could not ask the base model of adapter %r: %s", version, exc)
             return
@@ -186,8 +179,7 @@ class TinkerServingBackend:
         """Token ids of ``messages`` with the base model's chat template and the generation prompt."""
         tokenizer = self.tokenizer
         with self._tokenizer_lock:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+            return chat_prompt_ids(tokenizer, messages)
 
     def _stop(self, request: CompletionRequest) -> list[str] | list[int] | None:
         stops = [s for s in (request.stop or []) if s]
@@ -215,7 +207,7 @@ class TinkerServingBackend:
             seed=request.seed,
             stop=stop,
         )
-        response = _resolve(client.sample(
+        response = resolve(client.sample(
             prompt=self.types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params,
         ))
         sequence = response.sequences[0]

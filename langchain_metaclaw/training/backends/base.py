@@ -6,6 +6,10 @@ loss names, so a training loop written against this protocol runs unchanged on a
 Call order for one step (as with tinker): ``forward_backward`` (once or more: gradients accumulate) then
 ``optim_step`` (applies and clears them). ``save_weights_for_sampler`` hands weights to serving;
 ``save_state`` / ``load_state`` checkpoint weights *and* optimizer state so a killed run resumes.
+
+The next policy comes from the backend, as in tinker-cookbook's loop: ``save_weights_and_get_sampler``
+gives a :class:`~langchain_metaclaw.training.sampler.Sampler` on the weights just trained, ``sampler`` one on
+a saved version (or the base model). The trainer samples and gates only through them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.training.sampler import Sampler
 from langchain_metaclaw.training.types import (
     LOSS_FN_CONFIG_KEYS,
     AdamParams,
@@ -27,6 +32,7 @@ from langchain_metaclaw.training.types import (
 __all__ = ["LOSS_FNS", "LogprobModel", "TrainingBackend", "validate_request"]
 
 LOSS_FNS: tuple[LossFnName, ...] = ("importance_sampling", "cross_entropy", "ppo")
+
 
 def validate_request(data: Sequence[Datum], loss_fn: str, config: Mapping[str, float]) -> None:
     """Refuse a ``forward_backward`` call every backend would reject, before any work (or network) is spent."""
@@ -82,6 +88,15 @@ class TrainingBackend(Protocol):
 
     def save_weights_for_sampler(self, name: str) -> SavedWeights:
         """Save the current adapter for serving (a peft safetensors directory, or a ``tinker://`` path)."""
+        ...
+
+    def save_weights_and_get_sampler(self, name: str) -> Sampler:
+        """A sampler on the current weights, saved under ``name`` (a name private to the caller's run)."""
+        ...
+
+    def sampler(self, version: str | None = None, path: str | None = None) -> Sampler:
+        """A sampler on the saved weights ``version`` at ``path`` (what ``save_weights_for_sampler`` returned);
+        ``version=None``: the base model."""
         ...
 
     def save_state(self, name: str) -> str:

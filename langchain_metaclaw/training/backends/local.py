@@ -1,13 +1,9 @@
 """The ``local`` training backend: LoRA with peft + transformers on this machine's CPU or GPU.
 
-Micro-batching. ``forward_backward`` sorts the batch by length (longest first) and packs consecutive data
-into micro-batches while ``longest * count <= token_budget``, right-padding each micro-batch only to its own
-longest datum. Gradients accumulate over micro-batches; since every loss is a sum over tokens, the result
-equals one big batch exactly (up to float rounding), while peak memory is bounded by ``token_budget``
-(activations and ``[tokens, vocab]`` logits scale with it). Sorted bucketing leaves little padding
-(neighbours in sorted order have similar lengths). True sequence packing (several data in one row) would
-remove the rest but needs a block-diagonal attention mask: on CPU, SDPA has no variable-length kernel, so
-a packed row costs attention over the whole row and materialises an ``L x L`` mask; bucketing is cheaper
+Micro-batching (:mod:`.micro_batches`): data are bucketed by length into micro-batches of at most
+``token_budget`` padded tokens; gradients accumulate over them, and since every loss is a sum over tokens
+the result equals one big batch while peak memory stays bounded. True sequence packing would need a
+block-diagonal attention mask, which SDPA on CPU has no variable-length kernel for; bucketing is cheaper
 here, and a datum longer than the budget simply runs alone.
 
 Shared prompts. Data that start with the same unweighted prompt (an on-policy group: G completions of one
@@ -20,11 +16,9 @@ Precision: float32 by default (bf16 on a CPU without AMX is ~25x slower). The ba
 shared with the process-wide cached copy (``models.embedded.copy_sharing_weights``), so a serving model in
 the same process costs no extra weight memory; only the LoRA parameters and the optimizer state are ours.
 
-Checkpoints are safetensors + JSON only, never pickle: ``save_weights_for_sampler`` writes a peft adapter
-directory (``adapter_config.json`` + ``adapter_model.safetensors``); ``save_state`` writes the same plus
-``optimizer.safetensors`` (AdamW state tensors, flattened) and ``trainer_state.json`` (the optimizer state's
-structure, the step, the LoRA config). Both are written to a temporary sibling directory and renamed into
-place, so a run killed mid-save leaves the previous checkpoint intact.
+Checkpoints (:mod:`.checkpoints`) are safetensors + JSON only, never pickle, published with a rename.
+Samplers (:mod:`.samplers`): the weights just trained are saved as a peft adapter and loaded, under the
+checkpoint's own name, into this process's :class:`LocalEngine` (the one serving shares).
 """
 
 from __future__ import annotations
@@ -33,28 +27,40 @@ import contextlib
 import functools
 import gc
 import inspect
-import json
 import logging
 import os
-import re
-import shutil
 import threading
-import time
-import uuid
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from langchain_metaclaw._compat import require
-from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError
+from langchain_metaclaw.errors import ConfigurationError, TrainingError
 from langchain_metaclaw.training.backends.base import LogprobModel, validate_request
+from langchain_metaclaw.training.backends.checkpoints import (
+    _atomic_dir,
+    check_name,
+    load_adapter_weights,
+    quiet_transformers,
+    read_optimizer_state,
+    read_state,
+    save_adapter,
+    write_state,
+)
+from langchain_metaclaw.training.backends.micro_batches import (
+    MetricsAccumulator,
+    collate,
+    micro_batch_loss,
+    plan_micro_batches,
+    remainder,
+    shared_prefix_groups,
+)
+from langchain_metaclaw.training.backends.samplers import LocalSampler
 from langchain_metaclaw.training.types import (
     AdamParams,
     Datum,
     ForwardBackwardOutput,
     LossFnName,
-    Metrics,
     OptimStepResult,
     SavedWeights,
 )
@@ -62,7 +68,7 @@ from langchain_metaclaw.training.types import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_TARGET_MODULES", "LocalTrainingBackend", "plan_micro_batches"]
+__all__ = ["DEFAULT_TARGET_MODULES", "LocalTrainingBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,184 +81,8 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-STATE_FORMAT = 1
-_STATE_FILE = "trainer_state.json"
-_OPTIMIZER_FILE = "optimizer.safetensors"
-_ADAPTER_FILE = "adapter_model.safetensors"
-_ADAPTER_CONFIG = "adapter_config.json"
-_META_FILE = "metaclaw_adapter.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ENTROPY_CHUNK = 256  # rows of [rows, vocab] softmax materialised at once for the entropy metric
 _NICE_LOCK = threading.Lock()
 _NICE_APPLIED = False
-
-
-def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group indices into micro-batches whose padded size (``longest * count``) fits ``token_budget``.
-
-    Indices are visited longest first, so each micro-batch holds data of similar length and pads little.
-    A datum longer than the budget gets a micro-batch of its own.
-
-    >>> plan_micro_batches([5, 100, 40, 60, 10], token_budget=120)
-    [[1], [3, 2], [0, 4]]
-    """
-    if token_budget <= 0:
-        msg = f"token_budget must be positive, got {token_budget}"
-        raise ValueError(msg)
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        if current and longest * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current = []
-        if not current:
-            longest = lengths[i]
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-_MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix_groups(data: Sequence[Datum]) -> tuple[list[tuple[int, list[int]]], list[int]]:
-    """``([(prefix length, indices)], alone)``: data that begin with the same unweighted prompt, grouped.
-
-    A datum's prompt is every position before its first weighted one (weight 0 there: no loss, so only its
-    keys and values matter). Two or more data with the same prompt of at least ``_MIN_SHARED_PREFIX``
-    tokens form a group; every other datum is ``alone``.
-    """
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    alone: list[int] = []
-    for i, datum in enumerate(data):
-        weights = datum.weights()
-        first = next((t for t, w in enumerate(weights) if w > 0), len(weights))
-        if _MIN_SHARED_PREFIX <= first < datum.length:
-            by_prompt.setdefault(tuple(int(t) for t in datum.model_input[:first]), []).append(i)
-        else:
-            alone.append(i)
-    groups = []
-    for prompt, members in by_prompt.items():
-        if len(members) > 1:
-            groups.append((len(prompt), members))
-        else:
-            alone.extend(members)
-    return groups, sorted(alone)
-
-
-def _remainder(datum: Datum, prefix: int) -> Datum:
-    """``datum`` without its first ``prefix`` positions (their keys and values come from the shared pass)."""
-    return Datum(
-        model_input=list(datum.model_input[prefix:]),
-        loss_fn_inputs={k: list(v[prefix:]) for k, v in datum.loss_fn_inputs.items()},
-    )
-
-
-def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
-        msg = f"Checkpoint name {name!r} must match {_NAME_RE.pattern} (it becomes a directory name)"
-        raise ConfigurationError(msg)
-
-
-def _fsync_dir_files(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-@contextlib.contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``dest``; on success, publish it at ``dest`` with a rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir_files(tmp)
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- optimizer state <-> (safetensors, JSON) -------------------------------------------------------------
-
-
-def _flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Replace every tensor in a nested state dict by ``{"__tensor__": key}``; JSON-encode the rest."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": prefix}
-    if isinstance(obj, Mapping):
-        return {"__dict__": [[k, _flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    msg = f"Cannot store optimizer state value of type {type(obj).__name__} at {prefix!r} as JSON"
-    raise TrainingError(msg)
-
-
-def _unflatten_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__dict__" in obj:
-            return {k: _unflatten_state(v, tensors) for k, v in obj["__dict__"]}
-        if "__tuple__" in obj:
-            return tuple(_unflatten_state(v, tensors) for v in obj["__tuple__"])
-        msg = f"Unrecognised optimizer state node {sorted(obj)}"
-        raise AdapterError(msg)
-    if isinstance(obj, list):
-        return [_unflatten_state(v, tensors) for v in obj]
-    return obj
-
-
-class _MetricsAccumulator:
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.maxima: dict[str, float] = {}
-        self.tokens = 0.0
-        self.entropy = 0.0
-        self.padded_tokens = 0
-        self.micro_batches = 0
-
-    def add(self, result: Any, entropy_sum: float, padded: int) -> None:
-        for key, value in result.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        for key, value in result.maxima.items():
-            self.maxima[key] = max(self.maxima.get(key, value), value)
-        self.tokens += result.tokens
-        self.entropy += entropy_sum
-        self.padded_tokens += padded
-        self.micro_batches += 1
-
-    def metrics(self, n_data: int, real_tokens: int) -> Metrics:
-        denom = max(self.tokens, 1.0)
-        out: Metrics = {"loss:sum": self.sums.get("loss", 0.0), "tokens:sum": self.tokens}
-        out["entropy:mean"] = self.entropy / denom
-        for key, value in self.sums.items():
-            if key != "loss":
-                out[f"{key}:mean"] = value / denom
-        for key, value in self.maxima.items():
-            out[f"{key}:max"] = value
-        out["sequences:sum"] = float(n_data)
-        out["micro_batches:sum"] = float(self.micro_batches)
-        out["padding_frac:mean"] = 1.0 - real_tokens / self.padded_tokens if self.padded_tokens else 0.0
-        return out
 
 
 class LocalTrainingBackend:
@@ -281,6 +111,8 @@ class LocalTrainingBackend:
         device (`str`, *optional*): ``"cuda"`` when available, else ``"cpu"``.
         dtype (*optional*): weight dtype when this backend loads the model (default float32).
         seed (`int`, defaults to 0): seeds the LoRA initialisation.
+        engine (*optional*): the :class:`LocalEngine` samplers load their weights into; default the
+            process's shared engine for ``base_model`` (the one serving uses).
     """
 
     def __init__(
@@ -302,16 +134,8 @@ class LocalTrainingBackend:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        engine: Any = None,
     ) -> None:
-        torch = require("torch", backend="local", extra="local")
-        peft = require("peft", backend="local", extra="local")
-        require("safetensors", backend="local", extra="local")
-        from langchain_metaclaw.models.embedded import (
-            EMBEDDED_MODEL_ID,
-            copy_sharing_weights,
-            load_base_model,
-        )
-
         if token_budget <= 0:
             msg = f"token_budget must be positive, got {token_budget}"
             raise ConfigurationError(msg)
@@ -320,56 +144,24 @@ class LocalTrainingBackend:
         self.rank, self.alpha, self.dropout = int(rank), int(alpha), float(dropout)
         self.target_modules = tuple(target_modules)
         self.seed = seed
-
-        if low_priority:
-            _lower_priority(nice_increment)
-        if threads is not None:
-            torch.set_num_threads(max(1, int(threads)))
-        elif low_priority:
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-
+        _configure_threads(threads, low_priority, nice_increment)
+        self._engine, self._engine_model = engine, base_model
         if model is None:
+            from langchain_metaclaw.models.embedded import EMBEDDED_MODEL_ID, load_base_model
+
             model, loaded_tokenizer = load_base_model(base_model, dtype=dtype)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
             base_model = base_model or EMBEDDED_MODEL_ID
         self.base_model: str = base_model or getattr(model.config, "_name_or_path", "") or "unnamed"
         self._tokenizer = tokenizer
+        torch = require("torch", backend="local", extra="local")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-        model_device = next(model.parameters()).device
-        if model_device == self.device:
-            base = copy_sharing_weights(model)  # the cached model stays untouched; weights are shared
-        else:  # moving shared parameters would move the caller's model too: take a private copy
-            import copy
-
-            base = copy.deepcopy(model).to(self.device)
-        if getattr(base.config, "use_cache", None):
-            base.config.use_cache = False
-
-        lora_config = peft.LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        with torch.random.fork_rng(devices=[]), _quiet_transformers():
-            torch.manual_seed(seed)
-            self.model = peft.get_peft_model(base, lora_config)
-        self.model.peft_config["default"].base_model_name_or_path = self.base_model
+        self.model = self._wrap_lora(model, seed)
         self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self._trainable:
             msg = f"No module of the model matched target_modules={list(self.target_modules)}"
             raise ConfigurationError(msg)
-        defaults = AdamParams()
-        self._optimizer = torch.optim.AdamW(
-            [p for _, p in self._trainable],
-            lr=defaults.learning_rate,
-            betas=(defaults.beta1, defaults.beta2),
-            eps=defaults.eps,
-            weight_decay=defaults.weight_decay,
-        )
+        self._optimizer = _adamw([p for _, p in self._trainable])
         self._step = 0
         self._closed = False
         self._lock = threading.RLock()
@@ -378,6 +170,35 @@ class LocalTrainingBackend:
 
             output_dir = metaclaw_home() / "training" / "local"
         self.output_dir = Path(output_dir)
+
+    def _wrap_lora(self, model: Any, seed: int) -> Any:
+        """A peft LoRA model over a copy of ``model`` that shares its weights (the caller's stays untouched)."""
+        torch = require("torch", backend="local", extra="local")
+        peft = require("peft", backend="local", extra="local")
+        require("safetensors", backend="local", extra="local")
+        from langchain_metaclaw.models.embedded import copy_sharing_weights
+
+        if next(model.parameters()).device == self.device:
+            base = copy_sharing_weights(model)  # the cached model stays untouched; weights are shared
+        else:  # moving shared parameters would move the caller's model too: take a private copy
+            import copy
+
+            base = copy.deepcopy(model).to(self.device)
+        if getattr(base.config, "use_cache", None):
+            base.config.use_cache = False
+        lora_config = peft.LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
+            torch.manual_seed(seed)
+            wrapped = peft.get_peft_model(base, lora_config)
+        wrapped.peft_config["default"].base_model_name_or_path = self.base_model
+        return wrapped
 
     # --- protocol ----------------------------------------------------------------------------------------
 
@@ -414,7 +235,7 @@ class LocalTrainingBackend:
 
             self.model.train()
             outputs: list[dict[str, list[float]] | None] = [None] * len(data)
-            acc = _MetricsAccumulator()
+            acc = MetricsAccumulator()
             groups, alone = shared_prefix_groups(data) if self.share_prefixes else ([], list(range(len(data))))
             real_tokens = sum(data[i].length for i in alone)
             try:
@@ -423,8 +244,8 @@ class LocalTrainingBackend:
                     self._shared_prefix_pass(data, prefix, members, loss_fn, config, outputs, acc)
                 for plan in plan_micro_batches([data[i].length for i in alone], self.token_budget):
                     idx = [alone[j] for j in plan]
-                    batch = self._collate([data[i] for i in idx], with_inputs=True)
-                    loss, rows = self._loss(batch, self._logits(batch), loss_fn, config, acc)
+                    batch = collate([data[i] for i in idx], self.device, with_inputs=True)
+                    loss, rows = micro_batch_loss(batch, self._logits(batch), loss_fn, config, acc)
                     for row, i in enumerate(idx):
                         outputs[i] = {"logprobs": rows[row, : data[i].length].tolist()}
                     loss.backward()
@@ -438,22 +259,6 @@ class LocalTrainingBackend:
             metrics["shared_prefix_tokens:sum"] = float(sum(p * (len(m) - 1) for p, m in groups))
             return ForwardBackwardOutput(loss_fn_outputs=[o for o in outputs if o is not None], metrics=metrics)
 
-    def _loss(self, batch, logits, loss_fn: LossFnName, config: Mapping[str, float], acc: _MetricsAccumulator):
-        """Loss of one micro-batch (added to ``acc``) and the trainer's logprobs of its rows, on the CPU."""
-        import torch
-
-        from langchain_metaclaw.training.losses import compute_loss, log_softmax_and_pick
-
-        log_probs, logp = log_softmax_and_pick(logits, batch["target_tokens"])
-        valid = batch["attention_mask"].bool()
-        inputs = {k: batch[k][valid] for k in ("weights", "logprobs", "advantages", "ref_logprobs") if k in batch}
-        result = compute_loss(loss_fn, logp[valid], inputs, config)
-        with torch.no_grad():
-            entropy_sum = _entropy_sum(log_probs.detach(), valid & (batch["weights"] > 0))
-            rows = logp.detach().to("cpu")
-        acc.add(result, entropy_sum, padded=int(valid.numel()))
-        return result.loss, rows
-
     @functools.cached_property
     def _cache_arg(self) -> str:
         """transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)."""
@@ -461,10 +266,12 @@ class LocalTrainingBackend:
         return "cache" if "cache" in params else "past_key_values"
 
     def _shared_prefix_pass(self, data, prefix: int, members: list[int], loss_fn: LossFnName,
-                            config: Mapping[str, float], outputs: list, acc: _MetricsAccumulator) -> None:
+                            config: Mapping[str, float], outputs: list, acc: MetricsAccumulator) -> None:
         """Forward the shared prompt once, then every member's remainder on top of its keys and values."""
         import torch
         from transformers import DynamicCache
+
+        from langchain_metaclaw.training.losses import token_logprobs
 
         first = data[members[0]]
         prompt = self.model(
@@ -474,13 +281,13 @@ class LocalTrainingBackend:
         kv = [(layer.keys, layer.values) for layer in getattr(prompt, self._cache_arg).layers]
         with torch.no_grad():  # prompt positions carry weight 0: their logprobs are reported, not trained
             targets = torch.tensor([first.target_tokens[:prefix]], dtype=torch.long, device=self.device)
-            prompt_logprobs = _token_logprobs(prompt.logits.detach(), targets)[0].to("cpu").tolist()
+            prompt_logprobs = token_logprobs(prompt.logits.detach(), targets)[0].to("cpu").tolist()
         del prompt
         acc.padded_tokens += prefix
-        rests = [_remainder(data[i], prefix) for i in members]
+        rests = [remainder(data[i], prefix) for i in members]
         plans = plan_micro_batches([d.length for d in rests], self.token_budget)
         for n, plan in enumerate(plans):
-            batch = self._collate([rests[j] for j in plan], with_inputs=True)
+            batch = collate([rests[j] for j in plan], self.device, with_inputs=True)
             rows = len(plan)
             # expand: a view, so the backward pass sums every row's gradient into the one prompt pass
             cache = DynamicCache(
@@ -493,7 +300,7 @@ class LocalTrainingBackend:
                 use_cache=True,
                 **{self._cache_arg: cache},
             ).logits
-            loss, logp = self._loss(batch, logits, loss_fn, config, acc)
+            loss, logp = micro_batch_loss(batch, logits, loss_fn, config, acc)
             for row, j in enumerate(plan):
                 outputs[members[j]] = {"logprobs": prompt_logprobs + logp[row, : rests[j].length].tolist()}
             del logits, cache
@@ -536,6 +343,8 @@ class LocalTrainingBackend:
     def compute_logprobs(
         self, data: Sequence[Datum], *, model: LogprobModel = "current"
     ) -> list[list[float]]:
+        from langchain_metaclaw.training.losses import token_logprobs
+
         torch = require("torch", backend="local", extra="local")
         if model not in ("current", "base"):
             msg = f"model must be 'current' or 'base', got {model!r}"
@@ -550,8 +359,8 @@ class LocalTrainingBackend:
             try:
                 with context, torch.inference_mode():
                     for idx in plan_micro_batches([d.length for d in data], self.token_budget):
-                        batch = self._collate([data[i] for i in idx], with_inputs=False)
-                        logp = _token_logprobs(self._logits(batch), batch["target_tokens"]).to("cpu")
+                        batch = collate([data[i] for i in idx], self.device, with_inputs=False)
+                        logp = token_logprobs(self._logits(batch), batch["target_tokens"]).to("cpu")
                         for row, i in enumerate(idx):
                             out[i] = logp[row, : data[i].length].tolist()
             finally:
@@ -559,7 +368,7 @@ class LocalTrainingBackend:
         return [o for o in out if o is not None]
 
     def save_weights_for_sampler(self, name: str) -> SavedWeights:
-        _check_name(name)
+        check_name(name)
         with self._lock:
             self._check_open()
             dest = self.output_dir / "sampler_weights" / name
@@ -568,67 +377,50 @@ class LocalTrainingBackend:
             logger.info("saved sampler weights %s (step %d) at %s", name, self._step, dest)
             return SavedWeights(path_or_uri=str(dest), name=name, step=self._step)
 
-    def save_state(self, name: str) -> str:
-        from safetensors.torch import save_file
+    def save_weights_and_get_sampler(self, name: str) -> LocalSampler:
+        """Save the current adapter as ``name`` and load it into the engine; :meth:`LocalSampler.close`
+        unloads it again (the name is the caller's, private to its run)."""
+        saved = self.save_weights_for_sampler(name)
+        return LocalSampler(self.engine, name, saved.path_or_uri, owned=True)
 
-        _check_name(name)
+    def sampler(self, version: str | None = None, path: str | None = None) -> LocalSampler:
+        """A sampler on ``version`` (loaded from ``path`` unless the engine has it), or the base model.
+        A registry version stays loaded after :meth:`LocalSampler.close`: serving may hold it too."""
+        return LocalSampler(self.engine, version, path)
+
+    @property
+    def engine(self) -> Any:
+        """The :class:`LocalEngine` samplers use (the process's shared one unless given)."""
+        if self._engine is None:
+            from langchain_metaclaw.chat_model.backends.local import shared_engine
+
+            self._engine = shared_engine(self._engine_model)
+        return self._engine
+
+    def save_state(self, name: str) -> str:
+        check_name(name)
         with self._lock:
             self._check_open()
             dest = self.output_dir / "state" / name
             with _atomic_dir(dest) as tmp:
                 self._save_adapter(tmp, name)
-                tensors: dict[str, torch.Tensor] = {}
-                structure = _flatten_state(self._optimizer.state_dict(), "optimizer", tensors)
-                save_file(tensors, str(tmp / _OPTIMIZER_FILE), metadata={"format": str(STATE_FORMAT)})
-                state = {
-                    "format": STATE_FORMAT,
+                meta = {
                     "step": self._step,
                     "base_model": self.base_model,
                     "lora": self._lora_meta(),
                     "param_names": [n for n, _ in self._trainable],
-                    "optimizer": structure,
-                    "saved_at": time.time(),
                 }
-                (tmp / _STATE_FILE).write_text(json.dumps(state, indent=1))
+                write_state(tmp, self._optimizer, meta)
             logger.info("saved training state %s (step %d) at %s", name, self._step, dest)
             return str(dest)
 
     def load_state(self, path: str) -> None:
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         root = Path(path)
-        try:
-            state = json.loads((root / _STATE_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            msg = f"{root} is not a training state written by save_state ({_STATE_FILE}: {exc})"
-            raise AdapterError(msg) from exc
-        if state.get("format") != STATE_FORMAT:
-            msg = f"Training state format {state.get('format')!r} is not supported (expected {STATE_FORMAT})"
-            raise AdapterError(msg)
-        if state.get("lora") != self._lora_meta():
-            msg = f"Training state at {root} has LoRA config {state.get('lora')}, this backend {self._lora_meta()}"
-            raise AdapterError(msg)
-        names = [n for n, _ in self._trainable]
-        if state.get("param_names") != names:
-            msg = f"Training state at {root} was saved for different trainable parameters"
-            raise AdapterError(msg)
+        state = read_state(root, self._lora_meta(), [n for n, _ in self._trainable])
         with self._lock:
             self._check_open()
-            weights = load_file(str(root / _ADAPTER_FILE), device=str(self.device))
-            expected = set(get_peft_model_state_dict(self.model, save_embedding_layers=False))
-            if set(weights) != expected:
-                msg = (
-                    f"Adapter weights at {root} do not match the model: missing {sorted(expected - set(weights))[:3]}, "
-                    f"unexpected {sorted(set(weights) - expected)[:3]}"
-                )
-                raise AdapterError(msg)
-            result = set_peft_model_state_dict(self.model, weights, adapter_name="default")
-            if getattr(result, "unexpected_keys", None):
-                msg = f"Adapter weights at {root} have unexpected keys {result.unexpected_keys[:3]}"
-                raise AdapterError(msg)
-            tensors = load_file(str(root / _OPTIMIZER_FILE))
-            self._optimizer.load_state_dict(_unflatten_state(state["optimizer"], tensors))
+            load_adapter_weights(self.model, root, self.device)
+            self._optimizer.load_state_dict(read_optimizer_state(root, state))
             self._optimizer.zero_grad(set_to_none=True)
             self._step = int(state["step"])
             logger.info("loaded training state from %s (step %d)", root, self._step)
@@ -661,35 +453,6 @@ class LocalTrainingBackend:
             "target_modules": sorted(self.target_modules),
         }
 
-    def _collate(self, data: list[Datum], *, with_inputs: bool) -> dict[str, torch.Tensor]:
-        """Right-pad a micro-batch to its longest datum (pad positions have attention 0 and weight 0)."""
-        import torch
-
-        rows, longest = len(data), max(d.length for d in data)
-        ids = torch.zeros((rows, longest), dtype=torch.long)
-        mask = torch.zeros((rows, longest), dtype=torch.long)
-        targets = torch.zeros((rows, longest), dtype=torch.long)
-        floats: dict[str, torch.Tensor] = {}
-        keys = ["weights"]
-        if with_inputs:
-            keys += sorted(
-                {k for d in data for k in d.loss_fn_inputs if k not in ("target_tokens", "weights")}
-            )
-        for key in keys:
-            floats[key] = torch.zeros((rows, longest), dtype=torch.float32)
-        for r, datum in enumerate(data):
-            n = datum.length
-            ids[r, :n] = torch.tensor(datum.model_input, dtype=torch.long)
-            mask[r, :n] = 1
-            targets[r, :n] = torch.tensor(datum.loss_fn_inputs["target_tokens"], dtype=torch.long)
-            floats["weights"][r, :n] = torch.tensor(datum.weights(), dtype=torch.float32)
-            for key in keys[1:]:
-                values = datum.loss_fn_inputs.get(key)
-                if values is not None:
-                    floats[key][r, :n] = torch.tensor(values, dtype=torch.float32)
-        batch = {"input_ids": ids, "attention_mask": mask, "target_tokens": targets, **floats}
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
     def _logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -697,51 +460,8 @@ class LocalTrainingBackend:
         return out.logits
 
     def _save_adapter(self, directory: Path, name: str) -> None:
-        with _quiet_transformers():
-            self.model.save_pretrained(
-                str(directory),
-                safe_serialization=True,
-                selected_adapters=["default"],
-                save_embedding_layers=False,
-            )
-        readme = directory / "README.md"
-        if readme.exists():  # peft's model card template; not needed to load the adapter
-            readme.unlink()
         meta = {"name": name, "step": self._step, "base_model": self.base_model, "lora": self._lora_meta()}
-        (directory / _META_FILE).write_text(json.dumps(meta, indent=1))
-        for required in (_ADAPTER_CONFIG, _ADAPTER_FILE):
-            if not (directory / required).is_file():
-                msg = f"peft did not write {required} into {directory}"
-                raise TrainingError(msg)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' deprecation notice that peft 0.21 triggers (``is_gradient_checkpointing``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from langchain_metaclaw.training.losses import token_logprobs
-
-    return token_logprobs(logits, targets)
-
-
-def _entropy_sum(log_probs: torch.Tensor, mask: torch.Tensor) -> float:
-    """Sum of next-token entropies at ``mask`` positions, ``_ENTROPY_CHUNK`` rows at a time."""
-    from langchain_metaclaw.training.losses import entropy_from_log_probs
-
-    selected = mask.nonzero(as_tuple=True)
-    total = 0.0
-    count = selected[0].numel()
-    for start in range(0, count, _ENTROPY_CHUNK):
-        rows = log_probs[
-            selected[0][start : start + _ENTROPY_CHUNK], selected[1][start : start + _ENTROPY_CHUNK]
-        ]
-        total += float(entropy_from_log_probs(rows).sum())
-    return total
+        save_adapter(self.model, directory, meta)
 
 
 def _lower_priority(increment: int) -> None:
@@ -756,3 +476,27 @@ def _lower_priority(increment: int) -> None:
             logger.info("training runs at niceness +%d", increment)
         except OSError as exc:  # pragma: no cover - platform specific
             logger.warning("could not lower training priority: %s", exc)
+
+
+def _configure_threads(threads: int | None, low_priority: bool, nice_increment: int) -> None:
+    """Torch intra-op threads (process-wide) and, when ``low_priority``, a higher niceness."""
+    torch = require("torch", backend="local", extra="local")
+    if low_priority:
+        _lower_priority(nice_increment)
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    elif low_priority:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
+def _adamw(params: list[Any]) -> Any:
+    """AdamW at :class:`AdamParams`' defaults (``optim_step`` sets each step's values)."""
+    torch = require("torch", backend="local", extra="local")
+    defaults = AdamParams()
+    return torch.optim.AdamW(
+        params,
+        lr=defaults.learning_rate,
+        betas=(defaults.beta1, defaults.beta2),
+        eps=defaults.eps,
+        weight_decay=defaults.weight_decay,
+    )

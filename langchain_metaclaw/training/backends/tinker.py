@@ -1,15 +1,12 @@
 """The ``tinker`` and ``mint`` training backends: one code path over the tinker SDK's ``TrainingClient``.
 
-MinT (``mindlab-toolkit``) is a drop-in of the tinker SDK: ``import mint`` re-exports tinker's names as the
-same objects and maps ``MINT_API_KEY`` / ``MINT_BASE_URL`` onto ``TINKER_*`` in its ``sync_env()``. That
-function is the only place environment variables are handled: :func:`import_sdk` calls it again before a
-MinT client is built (so variables set after ``import mint`` count), and explicit ``api_key=`` /
-``base_url=`` arguments go to ``ServiceClient`` and win over the environment. Note that ``sync_env`` changes
-``os.environ`` for the whole process (that is how MinT works).
+The SDK is imported, and its futures unwrapped, by :mod:`langchain_metaclaw._tinker` (MinT's environment
+mapping, the 0.22 / 0.38 differences).
 
-The code targets the tinker 0.22 surface (the version MinT pins) and runs on 0.38: client factories return
-futures on 0.38 and clients on 0.22, request methods return futures on both, so every result goes through
-:func:`_resolve` (``x.result() if hasattr(x, "result") else x``).
+The next policy comes from the training client, as in tinker-cookbook's RL loop:
+:meth:`TinkerTrainingBackend.save_weights_and_get_sampler` wraps ``save_weights_and_get_sampling_client``
+and :meth:`~TinkerTrainingBackend.sampler` a ``create_sampling_client(model_path=...)``, so the trainer's
+on-policy groups and its promotion gate sample on the service and never load a ``tinker://`` path locally.
 
 Data conversion (:func:`to_sdk_datum`): ``model_input`` becomes ``ModelInput.from_ints``; ``loss_fn_inputs``
 become ``TensorData`` with tinker's dtypes (``target_tokens`` int64, the rest float32), only the keys the
@@ -32,12 +29,18 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
-from langchain_metaclaw._compat import require
+from langchain_metaclaw._tinker import (
+    SdkName,
+    import_sdk,
+    make_service_client,
+    resolve,
+    save_weights_and_get_sampling_client,
+)
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError
 from langchain_metaclaw.training.backends.base import LogprobModel, validate_request
+from langchain_metaclaw.training.backends.samplers import TinkerSampler
 from langchain_metaclaw.training.types import (
     AdamParams,
     Datum,
@@ -48,38 +51,14 @@ from langchain_metaclaw.training.types import (
     SavedWeights,
 )
 
-__all__ = ["SdkName", "TinkerTrainingBackend", "import_sdk", "kl_shaped_advantages", "to_sdk_datum"]
+__all__ = ["TinkerTrainingBackend", "kl_shaped_advantages", "to_sdk_datum"]
 
 logger = logging.getLogger(__name__)
-
-SdkName = Literal["tinker", "mint"]
 
 _MAX_ARCHIVE_BYTES = 20 * 1024**3
 _ALLOWED_ARCHIVE_SUFFIXES = (".json", ".safetensors", ".md", ".txt")
 _ALLOWED_ARCHIVE_NAMES = {"checkpoint_complete"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def _resolve(value: Any) -> Any:
-    """Unwrap an SDK future (0.38 client factories, every request) or pass a plain value through (0.22)."""
-    return value.result() if hasattr(value, "result") else value
-
-
-def import_sdk(sdk: SdkName) -> ModuleType:
-    """Import ``tinker`` or ``mint`` (raising ``BackendUnavailableError`` naming the extra if missing).
-
-    For ``mint``, re-run MinT's own ``sync_env()`` (``MINT_API_KEY`` -> ``TINKER_API_KEY``, ``MINT_BASE_URL``
-    -> ``TINKER_BASE_URL``, default base URL MinT's) so variables set after the first import count too.
-    """
-    if sdk not in ("tinker", "mint"):
-        msg = f"sdk must be 'tinker' or 'mint', got {sdk!r}"
-        raise ConfigurationError(msg)
-    module = require(sdk, backend=sdk, extra=sdk)
-    if sdk == "mint":
-        sync_env = getattr(getattr(module, "mint", None), "sync_env", None)
-        if callable(sync_env):
-            sync_env()
-    return module
 
 
 def _tensor(types: Any, values: Sequence[float] | Sequence[int], dtype: str) -> Any:
@@ -192,11 +171,10 @@ class TinkerTrainingBackend:
         self.rank = rank
         self._owns_service_client = service_client is None
         if service_client is None:
-            kwargs = {k: v for k, v in {"api_key": api_key, "base_url": base_url}.items() if v}
-            service_client = self._sdk.ServiceClient(**kwargs)
+            service_client = make_service_client(self._sdk, api_key=api_key, base_url=base_url)
         self.service_client = service_client
         if resume_from:
-            self.training_client = _resolve(
+            self.training_client = resolve(
                 service_client.create_training_client_from_state_with_optimizer(resume_from)
             )
         else:
@@ -210,8 +188,9 @@ class TinkerTrainingBackend:
             }
             if user_metadata:
                 kwargs["user_metadata"] = dict(user_metadata)
-            self.training_client = _resolve(service_client.create_lora_training_client(**kwargs))
+            self.training_client = resolve(service_client.create_lora_training_client(**kwargs))
         self._base_sampler: Any = None
+        self._tokenizer: Any = None
         self._step = 0
         self._closed = False
 
@@ -256,7 +235,7 @@ class TinkerTrainingBackend:
             for i, d in enumerate(data)
         ]
         try:
-            result = _resolve(
+            result = resolve(
                 self.training_client.forward_backward(sdk_data, loss_fn, loss_fn_config=config or None)
             )
         except Exception as exc:  # the SDK's errors are many; say which call failed and keep the cause
@@ -279,7 +258,7 @@ class TinkerTrainingBackend:
             grad_clip_norm=adam_params.grad_clip_norm,
         )
         try:
-            response = _resolve(self.training_client.optim_step(params))
+            response = resolve(self.training_client.optim_step(params))
         except Exception as exc:
             msg = f"{self.sdk} optim_step failed: {exc}"
             raise TrainingError(msg) from exc
@@ -291,12 +270,12 @@ class TinkerTrainingBackend:
 
     def save_weights_for_sampler(self, name: str) -> SavedWeights:
         self._check_open()
-        path = _resolve(self.training_client.save_weights_for_sampler(name)).path
+        path = resolve(self.training_client.save_weights_for_sampler(name)).path
         return SavedWeights(path_or_uri=str(path), name=name, step=self._step)
 
     def save_state(self, name: str) -> str:
         self._check_open()
-        return str(_resolve(self.training_client.save_state(name)).path)
+        return str(resolve(self.training_client.save_state(name)).path)
 
     def load_state(self, path: str) -> None:
         """Load weights and optimizer state (``load_state_with_optimizer`` where the SDK has it)."""
@@ -305,7 +284,7 @@ class TinkerTrainingBackend:
             getattr(self.training_client, "load_state_with_optimizer", None)
             or self.training_client.load_state
         )
-        _resolve(loader(path))
+        resolve(loader(path))
 
     def compute_logprobs(
         self, data: Sequence[Datum], *, model: LogprobModel = "current"
@@ -318,22 +297,19 @@ class TinkerTrainingBackend:
             return []
         if model == "current":
             sdk_data = [to_sdk_datum(self.types, d, "cross_entropy") for d in data]
-            result = _resolve(self.training_client.forward(sdk_data, "cross_entropy"))
+            result = resolve(self.training_client.forward(sdk_data, "cross_entropy"))
             return [_floats(o["logprobs"]) for o in result.loss_fn_outputs]
         if model != "base":
             msg = f"model must be 'current' or 'base', got {model!r}"
             raise ConfigurationError(msg)
-        if self._base_sampler is None:
-            self._base_sampler = _resolve(
-                self.service_client.create_sampling_client(base_model=self.base_model)
-            )
+        base = self._base_sampling_client()
         futures = [
-            self._base_sampler.compute_logprobs(self.types.ModelInput.from_ints(d.full_sequence()))
+            base.compute_logprobs(self.types.ModelInput.from_ints(d.full_sequence()))
             for d in data
         ]
         out: list[list[float]] = []
         for i, future in enumerate(futures):
-            values = list(_resolve(future))[1:]
+            values = list(resolve(future))[1:]
             if len(values) != data[i].length or any(v is None for v in values):
                 msg = f"{self.sdk} compute_logprobs returned no logprob for some tokens of data[{i}]"
                 raise TrainingError(msg)
@@ -341,7 +317,9 @@ class TinkerTrainingBackend:
         return out
 
     def get_tokenizer(self) -> Any:
-        return self.training_client.get_tokenizer()
+        if self._tokenizer is None:
+            self._tokenizer = self.training_client.get_tokenizer()
+        return self._tokenizer
 
     def close(self) -> None:
         if self._closed:
@@ -351,17 +329,35 @@ class TinkerTrainingBackend:
             close = getattr(self.service_client, "close", None)
             if callable(close):
                 try:
-                    _resolve(close("success"))
+                    resolve(close("success"))
                 except Exception as exc:  # closing is best effort
                     logger.debug("closing the %s service client failed: %s", self.sdk, exc)
 
-    # --- hand-off to serving -----------------------------------------------------------------------------
+    # --- samplers and hand-off to serving ----------------------------------------------------------------
+
+    def save_weights_and_get_sampler(self, name: str) -> TinkerSampler:
+        """A sampler on the current weights (``save_weights_and_get_sampling_client``: ephemeral weights,
+        nothing left in storage per step)."""
+        self._check_open()
+        client = save_weights_and_get_sampling_client(self.training_client, name)
+        return TinkerSampler(client, self.types, self.get_tokenizer, name)
+
+    def sampler(self, version: str | None = None, path: str | None = None) -> TinkerSampler:
+        """A sampler on the sampler checkpoint at ``path`` (a ``tinker://`` path), or the base model when
+        ``version`` is ``None``."""
+        self._check_open()
+        if version is None:
+            return TinkerSampler(self._base_sampling_client(), self.types, self.get_tokenizer, None)
+        if path is None:
+            msg = f"sampler({version!r}) needs the sampler checkpoint path of that version"
+            raise ConfigurationError(msg)
+        return TinkerSampler(self.sampling_client_for(path), self.types, self.get_tokenizer, version)
 
     def sampling_client_for(self, saved: SavedWeights | str) -> Any:
         """A ``SamplingClient`` serving ``saved`` (what the chat model's tinker backend flips to)."""
         self._check_open()
         path = saved.path_or_uri if isinstance(saved, SavedWeights) else str(saved)
-        return _resolve(self.service_client.create_sampling_client(model_path=path))
+        return resolve(self.service_client.create_sampling_client(model_path=path))
 
     def download_adapter(self, saved: SavedWeights | str, dest: str | os.PathLike[str]) -> Path:
         """Download sampler weights as a PEFT adapter directory at ``dest`` (safetensors only).
@@ -384,7 +380,7 @@ class TinkerTrainingBackend:
                 "get_checkpoint_archive_url_from_tinker_path); use `tinker checkpoint download` or tinker 0.22"
             )
             raise TrainingError(msg)
-        url = _resolve(get_url(path)).url
+        url = resolve(get_url(path)).url
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.download-") as tmp:
@@ -395,10 +391,15 @@ class TinkerTrainingBackend:
 
     # --- helpers -------------------------------------------------------------------------------------------
 
+    def _base_sampling_client(self) -> Any:
+        if self._base_sampler is None:
+            self._base_sampler = resolve(self.service_client.create_sampling_client(base_model=self.base_model))
+        return self._base_sampler
+
     def _rest_client(self) -> Any:
         factory = getattr(self.service_client, "create_rest_client", None)
         if callable(factory):
-            return _resolve(factory())
+            return resolve(factory())
         rest_client = getattr(self._sdk, "RestClient", None)
         if rest_client is None:
             msg = f"This {self.sdk} SDK has no REST client to download checkpoints with"

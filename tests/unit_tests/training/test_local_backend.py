@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError  # noqa: E402
 from langchain_metaclaw.training import AdamParams, Datum, TrainingBackend, datum_from_tokens  # noqa: E402
-from langchain_metaclaw.training.backends.local import plan_micro_batches, shared_prefix_groups  # noqa: E402
+from langchain_metaclaw.training.backends.micro_batches import plan_micro_batches, shared_prefix_groups  # noqa: E402
 
 LR = AdamParams(learning_rate=1e-2)
 

@@ -120,18 +120,59 @@ class TrainingClient:
         self.calls.append(("load_state", path))
         return Future(pytypes.SimpleNamespace(path=path))
 
+    def save_weights_and_get_sampling_client(self, name=None, retry_config=None):  # 0.38: name deprecated
+        self.calls.append(("save_weights_and_get_sampling_client", name))
+        client = SamplingClient(model_path=None, base_model=None, weights=f"step-{len(self.calls)}")
+        self.service.sampling_clients.append(client)
+        return Future(client)
+
     def get_tokenizer(self):
         return "tokenizer"
 
 
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: Any = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+@dataclass
+class SampledSequence:
+    stop_reason: str
+    tokens: list
+    logprobs: list | None = None
+
+
+@dataclass
+class SampleResponse:
+    sequences: list
+    prompt_logprobs: list | None = None
+
+
 class SamplingClient:
-    def __init__(self, model_path=None, base_model=None):
+    """Samples ``num_samples`` sequences ``[100 + i, 2]``; greedy answers ``[101, 2]`` from the base model and
+    ``[100, 2]`` from any trained weights."""
+
+    def __init__(self, model_path=None, base_model=None, weights=None):
         self.model_path, self.base_model = model_path, base_model
+        self.weights = weights or model_path or base_model
         self.prompts: list[list[int]] = []
+        self.samples: list[tuple[list[int], int, SamplingParams]] = []
 
     def compute_logprobs(self, prompt):
         self.prompts.append(prompt.to_ints())
         return Future([None] + [-0.25] * (len(prompt.to_ints()) - 1))
+
+    def sample(self, prompt, num_samples, sampling_params, include_prompt_logprobs=False, topk_prompt_logprobs=0):
+        assert isinstance(prompt, ModelInput) and isinstance(sampling_params, SamplingParams)
+        self.samples.append((prompt.to_ints(), num_samples, sampling_params))
+        greedy = 101 if self.base_model else 100
+        rows = [greedy if sampling_params.temperature == 0 else 100 + i for i in range(num_samples)]
+        return Future(SampleResponse([SampledSequence("stop", [t, 2], [-0.5, -0.1]) for t in rows]))
 
 
 class RestClient:
@@ -149,7 +190,7 @@ def make_sdk(name: str, *, futures: bool) -> pytypes.ModuleType:
     """A module shaped like ``tinker`` (or ``mint``, which re-exports tinker's names)."""
     module = pytypes.ModuleType(name)
     module.types = pytypes.SimpleNamespace(
-        Datum=Datum, ModelInput=ModelInput, TensorData=TensorData, AdamParams=AdamParams_
+        Datum=Datum, ModelInput=ModelInput, TensorData=TensorData, AdamParams=AdamParams_, SamplingParams=SamplingParams
     )
     wrap = Future if futures else (lambda value: value)
 
