@@ -201,14 +201,6 @@ class CaptureCore:
             fields["model_name"] = params.get("model_name") or params.get("model")
         return self._finish(run_id, run, "ok", None, fields)
 
-    def _error_llm_run(self, run_id: UUID, error: BaseException) -> list[Record] | None:
-        run = self._runs.pop(run_id, None)
-        if run is None:
-            return None
-        fields = {"input_messages": list(run.messages or []), "invocation_params": run.invocation_params,
-                  "tokens_source": None}
-        return self._finish(run_id, run, "error", _describe(error), fields)
-
     # ---------------------------------------------------------------- tool runs
 
     def _start_tool_run(self, run_id: UUID, parent_run_id: UUID | None, name: str | None,
@@ -227,11 +219,17 @@ class CaptureCore:
         return self._finish(run_id, run, "error" if failed else "ok", text if failed else None,
                             _tool_fields(run, text))
 
-    def _error_tool_run(self, run_id: UUID, error: BaseException) -> list[Record] | None:
+    def _error_run(self, run_id: UUID, error: BaseException) -> list[Record] | None:
+        """A failed run of any kind: an LLM or tool run's turn, or the end of the episode a chain opened."""
         run = self._runs.pop(run_id, None)
         if run is None:
-            return None
-        return self._finish(run_id, run, "error", _describe(error), _tool_fields(run, None))
+            return self._end_chain_run(run_id, error)
+        if run.kind == "tool":
+            fields = _tool_fields(run, None)
+        else:
+            fields = {"input_messages": list(run.messages or []), "invocation_params": run.invocation_params,
+                      "tokens_source": None}
+        return self._finish(run_id, run, "error", _describe(error), fields)
 
     # ---------------------------------------------------------------- chains: structure only
 

@@ -60,6 +60,19 @@ class BaseCaptureHandler(CaptureCore, BaseCallbackHandler, ABC):
         """Take one callback event's records (the seam ``BaseTracer._persist_run`` is). Runs on the agent's
         thread: it must be fast and must not wait on I/O."""
 
+    # ---------------------------------------------------------------- chains: which episode a run is in
+
+    @_guard
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
+                       **kwargs: Any) -> None:
+        self._start_chain_run(run_id, parent_run_id, metadata, kwargs.get("name"), serialized)
+
+    @_guard
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if records := self._end_chain_run(run_id):
+            self._persist(records)
+
     # ---------------------------------------------------------------- chat models and LLMs
 
     @_guard
@@ -83,11 +96,6 @@ class BaseCaptureHandler(CaptureCore, BaseCallbackHandler, ABC):
         if records := self._end_llm_run(run_id, response):
             self._persist(records)
 
-    @_guard
-    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if records := self._error_llm_run(run_id, error):
-            self._persist(records)
-
     # ---------------------------------------------------------------- tools
 
     @_guard
@@ -104,25 +112,12 @@ class BaseCaptureHandler(CaptureCore, BaseCallbackHandler, ABC):
         if records := self._end_tool_run(run_id, output):
             self._persist(records)
 
+    # ---------------------------------------------------------------- failures of any kind
+
     @_guard
-    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if records := self._error_tool_run(run_id, error):
+    def _on_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """A failed LLM, tool or chain run: the core knows which kind ``run_id`` is."""
+        if records := self._error_run(run_id, error):
             self._persist(records)
 
-    # ---------------------------------------------------------------- chains: structure only
-
-    @_guard
-    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
-                       parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
-                       **kwargs: Any) -> None:
-        self._start_chain_run(run_id, parent_run_id, metadata, kwargs.get("name"), serialized)
-
-    @_guard
-    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if records := self._end_chain_run(run_id):
-            self._persist(records)
-
-    @_guard
-    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if records := self._end_chain_run(run_id, error):
-            self._persist(records)
+    on_llm_error = on_tool_error = on_chain_error = _on_error

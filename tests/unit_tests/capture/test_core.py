@@ -107,3 +107,18 @@ def test_collector_records_what_the_handler_stores(store):
     collected_episode = {k: v for k, v in collector.episodes()["t1"].items() if k in fields}
     assert collected_episode == episode.model_dump(include=fields)
     assert episode.status == "ok" and episode.metadata["user"] == "alice"
+
+
+def test_a_failure_ends_the_run_of_its_own_kind():
+    from langgraph.errors import GraphInterrupt
+
+    core = CaptureCore()
+    chain, tool_run = uuid4(), uuid4()
+    core._start_chain_run(chain, None, {"thread_id": "t2"}, None, {"id": ["langgraph", "Pregel"]})
+    core._start_tool_run(tool_run, chain, "lookup", None, None, {"q": "x"}, "c1")
+    start, turn = core._error_run(tool_run, RuntimeError("no route"))  # the episode's first finished record
+    assert (start["type"], start["graph_name"], "status" in start) == ("episode_start", "Pregel", False)
+    assert (turn["kind"], turn["status"], turn["error"]) == ("tool", "error", "RuntimeError: no route")
+    assert (turn["tool_args"], turn["tool_call_id"], turn["tool_result"]) == ({"q": "x"}, "c1", None)
+    (end,) = core._error_run(chain, GraphInterrupt())  # human-in-the-loop: interrupted, not failed
+    assert (end["type"], end["id"], end["status"]) == ("episode_end", "t2", "interrupted")
