@@ -166,8 +166,7 @@ class CaptureCore:
     The counterpart of langchain-core's ``_TracerCore``: each ``_start_*`` method remembers a run, and each
     ``_end_*`` / ``_error_*`` method returns the records of that one callback event (``None`` when the run is
     not one this core saw start, or when the event writes nothing). What happens to the records is the
-    caller's business (:meth:`BaseCaptureHandler._persist <langchain_metaclaw.capture.base.BaseCaptureHandler._persist>`),
-    so this class has no I/O, no threads and no locks.
+    caller's business (``BaseCaptureHandler._persist``), so this class has no I/O, no threads and no locks.
 
     An episode is a thread (``thread_id`` in the run's metadata) or, without one, the root run. Its start
     record is held back and rides along with the episode's first finished record (one write per event, not
