@@ -1,5 +1,6 @@
-"""Capture: a LangChain callback handler that records agent turns into the trace store."""
+"""Capture: LangChain callback handlers that record agent turns (into the trace store, or a list for tests)."""
 
+from langchain_metaclaw.capture.collector import TurnCollector
 from langchain_metaclaw.capture.handler import (
     MetaClawCallbackHandler,
     disable_global_capture,
@@ -7,4 +8,5 @@ from langchain_metaclaw.capture.handler import (
 )
 from langchain_metaclaw.capture.writer import CaptureStats
 
-__all__ = ["CaptureStats", "MetaClawCallbackHandler", "disable_global_capture", "enable_global_capture"]
+__all__ = ["CaptureStats", "MetaClawCallbackHandler", "TurnCollector", "disable_global_capture",
+           "enable_global_capture"]

@@ -25,7 +25,7 @@ import orjson
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel
 
-from langchain_metaclaw.capture._core import message_to_record
+from langchain_metaclaw.capture._core import message_to_record, with_message_dicts
 from langchain_metaclaw.capture.redact import may_hold_secret, redact_text
 from langchain_metaclaw.store.spool import Spool
 from langchain_metaclaw.store.trace_store import TraceStore
@@ -148,14 +148,6 @@ def _messages_json(messages: list[Any]) -> str:
     return f"[{','.join(parts)}]"
 
 
-def _message_records(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its input messages as dicts, the form a user's ``redact=`` hook gets."""
-    messages = record.get("input_messages")
-    if not messages or not isinstance(messages[0], BaseMessage):
-        return record
-    return {**record, "input_messages": [message_to_record(m) for m in messages]}
-
-
 _NUMBERS = (int, float)
 _TOKEN_FIELDS = ("prompt_token_ids", "completion_token_ids", "logprobs")
 
@@ -226,7 +218,7 @@ class SpoolingWriter:
         """Make ``records`` (those of one callback event) durable with one write and queue them. Never raises."""
         try:
             if self.redact is not None:
-                records = [self.redact(_message_records(r)) for r in records]
+                records = [self.redact(with_message_dicts(r)) for r in records]
             line = f"[{','.join(_encode(r) for r in records)}]"
         except Exception as exc:  # a user hook or an exotic payload: count it, never break the agent
             self._note_error("serialize", exc)

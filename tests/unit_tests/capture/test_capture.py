@@ -1,4 +1,5 @@
-"""MetaClawCallbackHandler on real LangGraph agents, asserted field by field in SQLite and PostgreSQL."""
+"""Capture on real LangGraph agents: what is recorded (in memory, through ``TurnCollector``), and what
+``MetaClawCallbackHandler`` makes of it in SQLite and PostgreSQL, field by field."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from pydantic import BaseModel
 
 from langchain_metaclaw import MetaClawCallbackHandler, disable_global_capture, enable_global_capture
+from langchain_metaclaw.capture import TurnCollector
 from tests.fixtures.fakes import ScriptedChatModel, tool_call
 
 
@@ -72,6 +74,11 @@ def handler(store):
     h.close()
 
 
+@pytest.fixture
+def collector():
+    return TurnCollector()
+
+
 def test_agent_with_parallel_tool_calls(store, handler):
     agent = create_agent(
         ScriptedChatModel(script=parallel_script()), [get_weather, get_time], checkpointer=InMemorySaver()
@@ -115,20 +122,19 @@ def test_agent_with_parallel_tool_calls(store, handler):
     assert handler.stats.write_errors == 0 and handler.stats.pending == 0
 
 
-def test_second_invocation_of_a_thread_is_the_same_episode(store, handler):
+def test_second_invocation_of_a_thread_is_the_same_episode(collector):
     agent = create_agent(
         ScriptedChatModel(script=[AIMessage("hello"), AIMessage("again")]), [], checkpointer=InMemorySaver()
     )
-    agent.invoke({"messages": [HumanMessage("hi")]}, config=_config(handler))
-    agent.invoke({"messages": [HumanMessage("and now?")]}, config=_config(handler))
-    handler.flush()
-    assert [e.id for e in store.episodes()] == ["t1"]
-    second = store.turns(episode_id="t1")[-1]
-    assert [m["data"]["content"] for m in second.input_messages] == ["hi", "hello", "and now?"]
-    assert len({t.root_run_id for t in store.turns()}) == 2
+    agent.invoke({"messages": [HumanMessage("hi")]}, config=_config(collector))
+    agent.invoke({"messages": [HumanMessage("and now?")]}, config=_config(collector))
+    assert list(collector.episodes()) == ["t1"]
+    second = collector.turns(episode_id="t1")[-1]
+    assert [m["data"]["content"] for m in second["input_messages"]] == ["hi", "hello", "and now?"]
+    assert len({t["root_run_id"] for t in collector.turns()}) == 2
 
 
-def test_failing_tool_and_failing_model(store, handler):
+def test_failing_tool_and_failing_model(collector):
     model = ScriptedChatModel(
         script=[
             AIMessage("", tool_calls=[tool_call("broken", {"query": "x"}, "c9")]),
@@ -137,74 +143,69 @@ def test_failing_tool_and_failing_model(store, handler):
     )
     agent = create_agent(model, [broken])
     try:
-        agent.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [handler]})
+        agent.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [collector]})
     except RuntimeError:
         pass  # whether the tool error reaches the caller depends on the ToolNode's error policy
-    handler.flush()
-    (tool_turn,) = store.turns(kind="tool")
-    assert tool_turn.status == "error" and "database is down" in tool_turn.error
-    assert tool_turn.tool_name == "broken" and tool_turn.tool_args == {"query": "x"}
+    (tool_turn,) = collector.turns(kind="tool")
+    assert tool_turn["status"] == "error" and "database is down" in tool_turn["error"]
+    assert tool_turn["tool_name"] == "broken" and tool_turn["tool_args"] == {"query": "x"}
 
     failing = create_agent(ScriptedChatModel(script=[ValueError("model exploded")]), [])
     with pytest.raises(ValueError, match="model exploded"):
-        failing.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [handler]})
-    handler.flush()
-    errored = [t for t in store.turns(kind="llm") if t.status == "error"]
-    assert len(errored) == 1 and errored[0].error == "ValueError: model exploded"
-    assert errored[0].input_messages[0]["data"]["content"] == "go"
-    episode = store.episode(errored[0].episode_id)
-    assert episode.status == "error" and "model exploded" in episode.error
+        failing.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [collector]})
+    errored = [t for t in collector.turns(kind="llm") if t["status"] == "error"]
+    assert len(errored) == 1 and errored[0]["error"] == "ValueError: model exploded"
+    assert errored[0]["input_messages"][0]["data"]["content"] == "go"
+    episode = collector.episodes()[errored[0]["episode_id"]]
+    assert episode["status"] == "error" and "model exploded" in episode["error"]
 
 
-def test_retries_are_separate_turns(store, handler):
+def test_retries_are_separate_turns(collector):
     model = ScriptedChatModel(script=[ConnectionError("flaky"), AIMessage("ok")])
     retrying = model.with_retry(stop_after_attempt=2, wait_exponential_jitter=False)
-    assert retrying.invoke("hi", config={"callbacks": [handler]}).content == "ok"
-    handler.flush()
-    assert [t.status for t in store.turns(kind="llm")] == ["error", "ok"]
-    assert len({t.episode_id for t in store.turns()}) == 1
+    assert retrying.invoke("hi", config={"callbacks": [collector]}).content == "ok"
+    assert [t["status"] for t in collector.turns(kind="llm")] == ["error", "ok"]
+    assert len({t["episode_id"] for t in collector.turns()}) == 1
 
 
-def test_subgraph_turns_carry_namespace(store, handler):
+def test_subgraph_turns_carry_namespace(collector):
     inner = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time])
     outer = StateGraph(MessagesState)
     outer.add_node("research", inner)
     outer.add_edge(START, "research")
     outer.add_edge("research", END)
     graph = outer.compile(checkpointer=InMemorySaver())
-    graph.invoke({"messages": [HumanMessage("Paris?")]}, config=_config(handler, "outer-thread"))
-    handler.flush()
-    turns = store.turns(episode_id="outer-thread")
+    graph.invoke({"messages": [HumanMessage("Paris?")]}, config=_config(collector, "outer-thread"))
+    turns = collector.turns(episode_id="outer-thread")
     assert len(turns) == 4
-    assert all(t.checkpoint_ns and t.checkpoint_ns.startswith("research:") for t in turns)
-    assert {t.node for t in turns} == {"model", "tools"}
-    assert store.episode("outer-thread").graph_name == "LangGraph"
+    assert all(t["checkpoint_ns"] and t["checkpoint_ns"].startswith("research:") for t in turns)
+    assert {t["node"] for t in turns} == {"model", "tools"}
+    assert collector.episodes()["outer-thread"]["graph_name"] == "LangGraph"
 
 
-def test_stream_and_async_paths(store, handler):
+def test_stream_and_async_paths(collector):
     agent = create_agent(
         ScriptedChatModel(script=parallel_script()), [get_weather, get_time], checkpointer=InMemorySaver()
     )
     chunks = list(
         agent.stream(
-            {"messages": [HumanMessage("stream it")]}, config=_config(handler, "s1"), stream_mode="messages"
+            {"messages": [HumanMessage("stream it")]}, config=_config(collector, "s1"), stream_mode="messages"
         )
     )
     assert chunks
 
     async def run_async():
-        await agent.ainvoke({"messages": [HumanMessage("async")]}, config=_config(handler, "a1"))
-        async for _ in agent.astream({"messages": [HumanMessage("astream")]}, config=_config(handler, "a2")):
+        await agent.ainvoke({"messages": [HumanMessage("async")]}, config=_config(collector, "a1"))
+        async for _ in agent.astream({"messages": [HumanMessage("astream")]}, config=_config(collector, "a2")):
             pass
 
     asyncio.run(run_async())
-    handler.flush()
     for thread in ("s1", "a1", "a2"):
-        turns = store.turns(episode_id=thread)
-        assert [t.kind for t in turns] == ["llm", "tool", "tool", "llm"], thread
-        assert turns[0].output_message["data"]["tool_calls"][0]["args"] == {"city": "Paris"}
-        assert turns[0].tokens_source == "engine"
-        assert store.episode(thread).status == "ok"
+        turns = collector.turns(episode_id=thread)
+        assert [t["kind"] for t in turns] == ["llm", "tool", "tool", "llm"], thread
+        assert turns[0]["output_message"]["data"]["tool_calls"][0]["args"] == {"city": "Paris"}
+        assert turns[0]["tokens_source"] == "engine"
+        assert collector.episodes()[thread]["status"] == "ok"
 
 
 class Answer(BaseModel):
@@ -212,28 +213,26 @@ class Answer(BaseModel):
     sunny: bool
 
 
-def test_structured_output(store, handler):
+def test_structured_output(collector):
     model = ScriptedChatModel(
         script=[AIMessage("", tool_calls=[tool_call("Answer", {"city": "Paris", "sunny": True}, "s1")])]
     )
     structured = model.with_structured_output(Answer)
-    assert structured.invoke("Is Paris sunny?", config={"callbacks": [handler]}) == Answer(
+    assert structured.invoke("Is Paris sunny?", config={"callbacks": [collector]}) == Answer(
         city="Paris", sunny=True
     )
-    handler.flush()
-    (turn,) = store.turns(kind="llm")
-    assert turn.output_message["data"]["tool_calls"][0]["args"] == {"city": "Paris", "sunny": True}
-    assert store.episode(turn.episode_id).status == "ok"
+    (turn,) = collector.turns(kind="llm")
+    assert turn["output_message"]["data"]["tool_calls"][0]["args"] == {"city": "Paris", "sunny": True}
+    assert collector.episodes()[turn["episode_id"]]["status"] == "ok"
 
 
-def test_handler_attached_to_the_model_only(store, handler):
-    model = ScriptedChatModel(script=[AIMessage("attached")], callbacks=[handler])
+def test_handler_attached_to_the_model_only(collector):
+    model = ScriptedChatModel(script=[AIMessage("attached")], callbacks=[collector])
     agent = create_agent(model, [], checkpointer=InMemorySaver())
     agent.invoke({"messages": [HumanMessage("hi")]}, config={"configurable": {"thread_id": "m1"}})
-    handler.flush()
-    (turn,) = store.turns()
-    assert turn.episode_id == "m1" and turn.node == "model"
-    assert store.episode("m1").status == "ok"
+    (turn,) = collector.turns()
+    assert turn["episode_id"] == "m1" and turn["node"] == "model"
+    assert collector.episodes()["m1"]["status"] == "ok"
 
 
 def test_global_capture_one_liner(store):
@@ -249,15 +248,14 @@ def test_global_capture_one_liner(store):
     assert len(store.turns()) == 1
 
 
-def test_coexists_with_langsmith_tracer(store, handler):
+def test_coexists_with_langsmith_tracer(collector):
     from langchain_core.tracers.langchain import LangChainTracer
     from langsmith import Client
 
     tracer = LangChainTracer(client=Client(api_url="http://127.0.0.1:9", api_key="lsv2-test-unreachable"))
     agent = create_agent(ScriptedChatModel(script=parallel_script()), [get_weather, get_time])
-    agent.invoke({"messages": [HumanMessage("both")]}, config={"callbacks": [handler, tracer]})
-    handler.flush()
-    assert len(store.turns()) == 4
+    agent.invoke({"messages": [HumanMessage("both")]}, config={"callbacks": [collector, tracer]})
+    assert len(collector.turns()) == 4
     assert tracer.latest_run is not None and tracer.latest_run.name == "LangGraph"
 
 
