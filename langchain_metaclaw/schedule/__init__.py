@@ -51,7 +51,7 @@ _LAZY = {
     "TrainingSession": "langchain_metaclaw.schedule.scheduler",
     "run_schedule": "langchain_metaclaw.schedule.scheduler",
     "scheduler_status": "langchain_metaclaw.schedule.scheduler",
-    "ScheduleEvent": "langchain_metaclaw.schedule.events",
+    "ScheduleEvent": "langchain_metaclaw.store.schedule",
     "recent_events": "langchain_metaclaw.schedule.events",
     "record_event": "langchain_metaclaw.schedule.events",
     "StoreLease": "langchain_metaclaw.schedule.lease",

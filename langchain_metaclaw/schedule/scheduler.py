@@ -51,9 +51,6 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Float, MetaData, String, Table, select
-from sqlalchemy import inspect as sa_inspect
-
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.schedule.clock import Clock, SystemClock
 from langchain_metaclaw.schedule.events import jsonable, recent_events, record_event
@@ -812,22 +809,12 @@ def run_schedule(
 # --------------------------------------------------------------------------------------------------
 
 
-def _jobs(store: Any, table: str) -> list[dict[str, Any]]:
-    engine = store.engine
+def _jobs(store: TraceStore, table: str) -> list[dict[str, Any]]:
     try:
-        with engine.connect() as conn:
-            if not sa_inspect(conn).has_table(table):
-                return []
-            t = Table(table, MetaData(), Column("id", String(191)), Column("next_run_time", Float(25)))
-            rows = conn.execute(select(t.c.id, t.c.next_run_time).order_by(t.c.id)).all()
+        return store.scheduler_jobs(table)
     except Exception:  # noqa: BLE001 - status must always render
         logger.exception("could not read the job table %s", table)
         return []
-    return [
-        {"id": r.id,
-         "next_run_time": datetime.fromtimestamp(r.next_run_time, UTC) if r.next_run_time is not None else None}
-        for r in rows
-    ]
 
 
 def scheduler_status(

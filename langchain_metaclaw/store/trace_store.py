@@ -32,6 +32,7 @@ from sqlalchemy.pool import StaticPool
 from langchain_metaclaw.config import get_settings, metaclaw_home
 from langchain_metaclaw.errors import StoreError
 from langchain_metaclaw.store import schema, sqlite_json
+from langchain_metaclaw.store.leases import LeaseQueries
 from langchain_metaclaw.store.migrations import MIGRATIONS, applied_migrations, migrate
 from langchain_metaclaw.store.records import (
     AdapterVersion,
@@ -42,6 +43,7 @@ from langchain_metaclaw.store.records import (
     Turn,
     TurnKind,
 )
+from langchain_metaclaw.store.schedule import ScheduleQueries
 from langchain_metaclaw.store.spool import orphan_segments, read_segment
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class TraceStore:
+class TraceStore(LeaseQueries, ScheduleQueries):
     """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
 
     >>> store = TraceStore("sqlite:///metaclaw.db")          # doctest: +SKIP
