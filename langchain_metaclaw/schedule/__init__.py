@@ -33,24 +33,23 @@ from langchain_metaclaw.schedule.idle import (
     detection_report,
     format_detection_report,
 )
+from langchain_metaclaw.schedule.signals import SystemSignals, battery_status
+from langchain_metaclaw.schedule.watchdog import Watchdog
 from langchain_metaclaw.schedule.windows import (
     SignalProvider,
-    SystemSignals,
     TriggerResult,
-    Watchdog,
     WindowDecision,
     WindowPolicy,
     WindowSignals,
-    battery_status,
     parse_sleep_hours,
 )
 
 # Phase 2 (the APScheduler jobs, the store lease, stored decisions): imported on first use.
 _LAZY = {
     "MadMaxScheduler": "langchain_metaclaw.schedule.scheduler",
-    "TrainingSession": "langchain_metaclaw.schedule.scheduler",
-    "run_schedule": "langchain_metaclaw.schedule.scheduler",
-    "scheduler_status": "langchain_metaclaw.schedule.scheduler",
+    "TrainingSession": "langchain_metaclaw.schedule.session",
+    "run_schedule": "langchain_metaclaw.schedule.foreground",
+    "scheduler_status": "langchain_metaclaw.schedule.report",
     "ScheduleEvent": "langchain_metaclaw.store.schedule",
     "recent_events": "langchain_metaclaw.schedule.events",
     "record_event": "langchain_metaclaw.schedule.events",

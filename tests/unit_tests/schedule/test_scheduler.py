@@ -16,8 +16,10 @@ from sqlalchemy import text, update
 
 from langchain_metaclaw.schedule import MadMaxScheduler, WindowPolicy, WindowSignals, recent_events
 from langchain_metaclaw.schedule.clock import FakeClock
+from langchain_metaclaw.schedule.jobs import JOBSTORE_TABLE
 from langchain_metaclaw.schedule.lease import acquire, current
-from langchain_metaclaw.schedule.scheduler import JOBSTORE_TABLE, _watchdog_job, scheduler_status
+from langchain_metaclaw.schedule.report import scheduler_status
+from langchain_metaclaw.schedule.scheduler import _watchdog_job
 from langchain_metaclaw.store import TraceStore
 from langchain_metaclaw.store.schema import leases
 

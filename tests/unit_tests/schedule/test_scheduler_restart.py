@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import text
 
 from langchain_metaclaw.schedule import recent_events
+from langchain_metaclaw.schedule.jobs import JOBSTORE_TABLE
 from langchain_metaclaw.schedule.lease import current
-from langchain_metaclaw.schedule.scheduler import JOBSTORE_TABLE
 from langchain_metaclaw.store import TraceStore
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time, logging; logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s")
     from langchain_metaclaw.schedule import WindowPolicy, WindowSignals
-    from langchain_metaclaw.schedule.scheduler import run_schedule
+    from langchain_metaclaw.schedule.foreground import run_schedule
 
     url, steps_path, holder, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 

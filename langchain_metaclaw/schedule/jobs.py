@@ -1,0 +1,98 @@
+"""The APScheduler side of MadMax: the job table, the watchdog job's id, building and shutting down a scheduler.
+
+The watchdog job lives in an ``SQLAlchemyJobStore`` in the trace store's own database (fixed id,
+``replace_existing``, ``max_instances=1``, ``coalesce=True``), so a restart finds and replaces it instead of
+adding a second one. The job function itself stays in :mod:`~langchain_metaclaw.schedule.scheduler`: its
+import path is pickled into the job table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Engine
+
+__all__ = ["JOBSTORE_TABLE", "LEASE_NAME", "build_scheduler", "shutdown", "watchdog_job_id"]
+
+JOBSTORE_TABLE = "apscheduler_jobs"
+"""The APScheduler job table, created next to the trace tables on the first start."""
+LEASE_NAME = "madmax"
+"""The default lease (and job id prefix): one training session per store at a time."""
+
+
+def watchdog_job_id(lease_name: str = LEASE_NAME) -> str:
+    """The fixed id of the watchdog job (``"madmax-watchdog"``)."""
+    return f"{lease_name}-watchdog"
+
+
+@lru_cache(maxsize=1)
+def _jobstore_class() -> type:
+    """``SQLAlchemyJobStore`` that leaves the shared engine alone on shutdown.
+
+    The stock ``shutdown()`` disposes the engine, which belongs to the trace store (and would erase an
+    in-memory SQLite store held by its single ``StaticPool`` connection).
+    """
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+    class SharedEngineJobStore(SQLAlchemyJobStore):
+        def shutdown(self) -> None:
+            pass
+
+    return SharedEngineJobStore
+
+
+def build_scheduler(
+    engine: Engine,
+    job: Callable[[str], None],
+    key: str,
+    *,
+    job_id: str,
+    interval: float,
+    blocking: bool,
+    table: str = JOBSTORE_TABLE,
+) -> Any:
+    """A Blocking- or BackgroundScheduler (UTC, two worker threads) whose job store is ``table`` on
+    ``engine``, holding one interval job ``job(key)`` (id ``job_id``) due at once."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+
+    if blocking:
+        from apscheduler.schedulers.blocking import BlockingScheduler as cls
+    else:
+        from apscheduler.schedulers.background import BackgroundScheduler as cls
+    scheduler = cls(
+        jobstores={"default": _jobstore_class()(engine=engine, tablename=table)},
+        executors={"default": ThreadPoolExecutor(max_workers=2)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        timezone=UTC,
+    )
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=interval,
+        args=[key],
+        id=job_id,
+        name="MadMax watchdog: evaluate the training window",
+        replace_existing=True,
+        next_run_time=datetime.now(UTC),
+    )
+    return scheduler
+
+
+def shutdown(scheduler: Any, wait_for_start: float = 0.0) -> bool:
+    """Shut an APScheduler scheduler down (not waiting for running jobs); ``False`` if it was not running,
+    after waiting up to ``wait_for_start`` seconds for it to start."""
+    from apscheduler.schedulers import SchedulerNotRunningError
+
+    deadline = time.monotonic() + wait_for_start
+    while True:
+        try:
+            scheduler.shutdown(wait=False)
+            return True
+        except SchedulerNotRunningError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
