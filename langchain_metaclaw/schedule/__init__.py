@@ -17,12 +17,11 @@ from langchain_metaclaw.schedule.calendar import (
     Interval,
     merge_intervals,
 )
-from langchain_metaclaw.schedule.clock import Clock, FakeClock, SystemClock, local_timezone, resolve_local
+from langchain_metaclaw.schedule.clock import Clock, SystemClock, local_timezone, resolve_local
 from langchain_metaclaw.schedule.idle import (
     DETECTORS,
     DetectionResult,
     IdleDetector,
-    IdleUnavailable,
     IoregIdleDetector,
     LogindIdleDetector,
     MutterIdleDetector,
@@ -33,6 +32,7 @@ from langchain_metaclaw.schedule.idle import (
     detection_report,
     format_detection_report,
 )
+from langchain_metaclaw.schedule.idle_os import IdleUnavailable
 from langchain_metaclaw.schedule.signals import SystemSignals, battery_status
 from langchain_metaclaw.schedule.watchdog import Watchdog
 from langchain_metaclaw.schedule.windows import (
@@ -75,7 +75,6 @@ __all__ = [
     "CalendarUnavailable",
     "Clock",
     "DetectionResult",
-    "FakeClock",
     "IdleDetector",
     "IdleUnavailable",
     "Interval",

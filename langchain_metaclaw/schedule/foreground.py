@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langchain_metaclaw.schedule.clock import Clock
-from langchain_metaclaw.schedule.scheduler import MadMaxScheduler, default_trainer_factory
-from langchain_metaclaw.schedule.session import TrainingSession
+from langchain_metaclaw.schedule.scheduler import MadMaxScheduler
+from langchain_metaclaw.schedule.session import TrainingSession, default_trainer_factory
 from langchain_metaclaw.schedule.windows import SignalProvider, WindowPolicy, WindowSignals
 
 if TYPE_CHECKING:

@@ -8,7 +8,9 @@ import path is pickled into the job table.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -16,7 +18,16 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-__all__ = ["JOBSTORE_TABLE", "LEASE_NAME", "build_scheduler", "shutdown", "watchdog_job_id"]
+__all__ = [
+    "JOBSTORE_TABLE",
+    "LEASE_NAME",
+    "build_scheduler",
+    "register",
+    "registered",
+    "shutdown",
+    "unregister",
+    "watchdog_job_id",
+]
 
 JOBSTORE_TABLE = "apscheduler_jobs"
 """The APScheduler job table, created next to the trace tables on the first start."""
@@ -27,6 +38,33 @@ LEASE_NAME = "madmax"
 def watchdog_job_id(lease_name: str = LEASE_NAME) -> str:
     """The fixed id of the watchdog job (``"madmax-watchdog"``)."""
     return f"{lease_name}-watchdog"
+
+
+# The job is pickled with a string key only; the live schedulers of this process are found here by it.
+_REGISTRY: dict[str, weakref.WeakSet[Any]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register(key: str, scheduler: Any) -> None:
+    """Make a started scheduler reachable by its job's key (held weakly)."""
+    with _REGISTRY_LOCK:
+        _REGISTRY.setdefault(key, weakref.WeakSet()).add(scheduler)
+
+
+def unregister(key: str, scheduler: Any) -> None:
+    with _REGISTRY_LOCK:
+        group = _REGISTRY.get(key)
+        if group is not None:
+            group.discard(scheduler)
+            if not group:
+                _REGISTRY.pop(key, None)
+
+
+def registered(key: str | None = None) -> list[Any]:
+    """The started schedulers of this process for ``key`` (``None``: all of them)."""
+    with _REGISTRY_LOCK:
+        groups = list(_REGISTRY.values()) if key is None else [_REGISTRY.get(key, weakref.WeakSet())]
+        return [s for group in groups for s in group]
 
 
 @lru_cache(maxsize=1)

@@ -1,13 +1,13 @@
 """MadMax: train when the machine is free, stop when the user comes back (DESIGN decision 8).
 
-:class:`MadMaxScheduler` runs one APScheduler 3.11 job, the **watchdog**, every ``check_interval`` seconds.
-The job lives in an ``SQLAlchemyJobStore`` in the trace store's own database (fixed id, ``replace_existing``,
-``max_instances=1``, ``coalesce=True``), so a restart finds and replaces it instead of adding a second one.
+:class:`MadMaxScheduler` runs one APScheduler 3.11 job, the **watchdog**, every ``check_interval`` seconds
+(kept in the trace store's database, see :mod:`~langchain_metaclaw.schedule.jobs`).
 Each check evaluates the :class:`~langchain_metaclaw.schedule.windows.WindowPolicy` through a
-:class:`~langchain_metaclaw.schedule.windows.Watchdog`:
+:class:`~langchain_metaclaw.schedule.watchdog.Watchdog`:
 
-- a window opens and the store lease ``madmax`` is ours → a **training session** starts in a worker
-  thread: score what is pending (``score_fn``), then ``trainer.run(stop_event=...)``;
+- a window opens and the store lease ``madmax`` is ours → a **training session**
+  (:mod:`~langchain_metaclaw.schedule.session`) starts in a worker thread: score what is pending
+  (``score_fn``), then ``trainer.run(stop_event=...)``;
 - the window closes → the stop event is set; the trainer finishes its current step, checkpoints and returns
   ``status="stopped"``; the next window starts a new session, which resumes from the store;
 - while a session runs, the lease is renewed on every check and by a heartbeat thread; a crashed holder's
@@ -41,7 +41,6 @@ import socket
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,35 +54,30 @@ from langchain_metaclaw.schedule.jobs import (
     JOBSTORE_TABLE,
     LEASE_NAME,
     build_scheduler,
+    register,
+    registered,
     shutdown,
+    unregister,
     watchdog_job_id,
 )
 from langchain_metaclaw.schedule.lease import StoreLease
 from langchain_metaclaw.schedule.report import scheduler_status
-from langchain_metaclaw.schedule.session import SessionContext, TrainingSession
+from langchain_metaclaw.schedule.session import SessionContext, TrainingSession, default_trainer_factory
 from langchain_metaclaw.schedule.signals import signal_provider
 from langchain_metaclaw.schedule.watchdog import Watchdog
 from langchain_metaclaw.schedule.windows import SignalProvider, WindowDecision, WindowPolicy, WindowSignals
 
 if TYPE_CHECKING:
     from langchain_metaclaw.store import TraceStore
-    from langchain_metaclaw.training.trainer import TrainerConfig
 
-__all__ = ["MadMaxScheduler", "default_holder", "default_trainer_factory"]
+__all__ = ["MadMaxScheduler", "default_holder"]
 
 logger = logging.getLogger(__name__)
+
 
 def default_holder() -> str:
     """``host:pid:random``: unique per scheduler instance, readable in ``metaclaw status``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-# --------------------------------------------------------------------------------------------------
-# The job: a module-level function with a picklable argument, as a persistent job store requires
-# --------------------------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, weakref.WeakSet[MadMaxScheduler]] = {}
-_REGISTRY_LOCK = threading.Lock()
 
 
 def _registry_key(store_url: str, lease_name: str) -> str:
@@ -97,8 +91,7 @@ def _watchdog_job(key: str) -> None:
     Takes only a string (the job is pickled into the database); the live scheduler is looked up in this
     process. A job fired in a process with no scheduler for it (left over from another run) does nothing.
     """
-    with _REGISTRY_LOCK:
-        schedulers = list(_REGISTRY.get(key, ()))
+    schedulers = registered(key)
     if not schedulers:
         logger.debug("watchdog job %s: no scheduler in this process", key)
         return
@@ -116,15 +109,6 @@ def _lease_ttl(lease_ttl: float | None, check_interval: float) -> float:
             "(the training heartbeat still renews it)", ttl, check_interval
         )
     return ttl
-
-
-def default_trainer_factory(store: Any, config: TrainerConfig | None = None) -> Callable[[], Any]:
-    def factory() -> Any:
-        from langchain_metaclaw.training.trainer import Trainer, TrainerConfig
-
-        return Trainer(store, config or TrainerConfig())
-
-    return factory
 
 
 @dataclass
@@ -148,11 +132,6 @@ class _WindowState:
         self.ran = False
         self.ended_at = None
         self.skip_noted = None
-
-
-# --------------------------------------------------------------------------------------------------
-# The scheduler
-# --------------------------------------------------------------------------------------------------
 
 
 class MadMaxScheduler:
@@ -275,19 +254,9 @@ class MadMaxScheduler:
                 self._note_guard_skip(decision)
             return decision
 
-    @staticmethod
-    def _guard_block(decision: WindowDecision) -> tuple[str, ...] | None:
-        """The guards that keep a window shut although its triggers hold (``None``: not that case)."""
-        if decision.open or not decision.triggers:
-            return None
-        triggers = [r.ok for r in decision.triggers.values() if r.role == "trigger"]
-        held = (all(triggers) if decision.mode == "all" else any(triggers)) if triggers else False
-        blocking = tuple(sorted(n for n, r in decision.triggers.items() if r.role == "guard" and not r.ok))
-        return blocking if held and blocking else None
-
     def _note_guard_skip(self, decision: WindowDecision) -> None:
         """A window the triggers would open but a guard keeps shut is a skipped window: say why, once."""
-        blocking = self._guard_block(decision)
+        blocking = decision.blocked_by()
         with self._lock:
             noted, self._windows.guard_noted = self._windows.guard_noted, blocking
         if blocking is not None and blocking != noted:
@@ -300,7 +269,7 @@ class MadMaxScheduler:
             self._windows.seen_decision = True
             session = self._session if self._session is not None and self._session.running else None
             # the closed event already says why; a guard skip is only written when the cause changes
-            self._windows.guard_noted = self._guard_block(decision)
+            self._windows.guard_noted = decision.blocked_by()
             if decision.open:
                 self._windows.opened()
         if decision.open:
@@ -412,8 +381,7 @@ class MadMaxScheduler:
                 self.store.engine, _watchdog_job, self._key, job_id=self.job_id, interval=self.check_interval,
                 blocking=self.blocking, table=self.jobstore_table,
             )
-        with _REGISTRY_LOCK:
-            _REGISTRY.setdefault(self._key, weakref.WeakSet()).add(self)
+        register(self._key, self)
         _stop_at_exit_registered()
         self._event(
             "scheduler_started",
@@ -466,12 +434,7 @@ class MadMaxScheduler:
             sessions = list(self.sessions)
         if wait:
             self._join(sessions, self.stop_timeout if timeout is None else timeout)
-        with _REGISTRY_LOCK:
-            registered = _REGISTRY.get(self._key)
-            if registered is not None:
-                registered.discard(self)
-                if not registered:
-                    _REGISTRY.pop(self._key, None)
+        unregister(self._key, self)
         if started:
             still = self.session
             self._event(
@@ -527,9 +490,7 @@ def _stop_at_exit_registered() -> None:
 
 def _stop_at_exit() -> None:
     """Stop the schedulers still started in this process (a notebook that never called ``stop()``)."""
-    with _REGISTRY_LOCK:
-        schedulers = [s for group in _REGISTRY.values() for s in group]
-    for scheduler in schedulers:
+    for scheduler in registered():
         try:
             scheduler.stop(timeout=min(scheduler.stop_timeout, 60.0))
         except Exception:  # noqa: BLE001

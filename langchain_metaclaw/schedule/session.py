@@ -25,8 +25,9 @@ from langchain_metaclaw.schedule.lease import StoreLease
 
 if TYPE_CHECKING:
     from langchain_metaclaw.store import TraceStore
+    from langchain_metaclaw.training.trainer import TrainerConfig
 
-__all__ = ["SessionContext", "TrainingSession"]
+__all__ = ["SessionContext", "TrainingSession", "default_trainer_factory"]
 
 logger = logging.getLogger("langchain_metaclaw.schedule.scheduler")  # the scheduler's log, as before the split
 
@@ -222,6 +223,17 @@ class TrainingSession:
         self._release()
         ctx.on_end(self)
         self.done.set()
+
+
+def default_trainer_factory(store: TraceStore, config: TrainerConfig | None = None) -> Callable[[], Any]:
+    """``Trainer(store, config or TrainerConfig())``, built fresh for every session (imported when first used)."""
+
+    def factory() -> Any:
+        from langchain_metaclaw.training.trainer import Trainer, TrainerConfig
+
+        return Trainer(store, config or TrainerConfig())
+
+    return factory
 
 
 def _score(ctx: SessionContext, stop_event: threading.Event) -> dict[str, Any]:

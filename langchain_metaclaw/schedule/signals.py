@@ -19,10 +19,10 @@ from langchain_metaclaw.schedule.calendar import CalendarSource, CalendarUnavail
 from langchain_metaclaw.schedule.idle import (
     DetectionResult,
     IdleDetector,
-    IdleUnavailable,
     detect_idle_detector,
     format_detection_report,
 )
+from langchain_metaclaw.schedule.idle_os import IdleUnavailable
 from langchain_metaclaw.schedule.windows import SignalProvider, WindowPolicy, WindowSignals
 
 __all__ = ["SystemSignals", "battery_status", "signal_provider"]

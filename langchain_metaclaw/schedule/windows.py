@@ -146,6 +146,15 @@ class WindowDecision(BaseModel):
     def summary(self) -> str:
         return f"{'open' if self.open else 'closed'}: " + "; ".join(self.reasons)
 
+    def blocked_by(self) -> tuple[str, ...] | None:
+        """The guards that keep the window shut although its triggers hold (``None``: not that case)."""
+        if self.open or not self.triggers:
+            return None
+        triggers = [r.ok for r in self.triggers.values() if r.role == "trigger"]
+        held = (all(triggers) if self.mode == "all" else any(triggers)) if triggers else False
+        blocking = tuple(sorted(n for n, r in self.triggers.items() if r.role == "guard" and not r.ok))
+        return blocking if held and blocking else None
+
 
 # --------------------------------------------------------------------------------------------------
 # The policy
@@ -360,60 +369,74 @@ class WindowPolicy(BaseModel):
             results["battery"] = self._battery(signals)
 
         holding = [r for _, r in triggers if r.ok]
-        if self.mode == "any":
-            triggered = bool(holding)
-            ends = [r.ends_at for r in holding]
-            closes_at = max(ends) if holding and all(e is not None for e in ends) else None  # type: ignore[type-var]
-        else:
-            triggered = len(holding) == len(triggers)
-            known = [r.ends_at for _, r in triggers if r.ends_at is not None]
-            closes_at = min(known) if triggered and known else None
-        if not triggered:
-            closes_at = None
-
+        triggered = bool(holding) if self.mode == "any" else len(holding) == len(triggers)
+        closes_at = self._closes_at(triggers, holding) if triggered else None
         if self.min_window_minutes > 0 and triggered and closes_at is not None:
-            need = timedelta(minutes=self.min_window_minutes)
-            left = closes_at - now
-            if currently_open:
-                results["min_window"] = TriggerResult(
-                    role="guard", ok=True, reason="window already open; min_window applies only to opening"
-                )
-            elif left < need:
-                results["min_window"] = TriggerResult(
-                    role="guard",
-                    ok=False,
-                    reason=(
-                        f"window would last {_minutes(left.total_seconds())} (until {_at(closes_at, now, self.tz)})"
-                        f" < min_window {_num(self.min_window_minutes)} min"
-                    ),
-                )
-            else:
-                results["min_window"] = TriggerResult(
-                    role="guard",
-                    ok=True,
-                    reason=f"window lasts {_minutes(left.total_seconds())} >= {_num(self.min_window_minutes)} min",
-                )
+            results["min_window"] = self._min_window(now, closes_at, currently_open)
 
         guards = [r for r in results.values() if r.role == "guard"]
-        blocking_guards = [r.reason for r in guards if not r.ok]
-        is_open = triggered and not blocking_guards
-        if is_open:
-            reasons = [r.reason for r in holding] if self.mode == "any" else [r.reason for _, r in triggers]
-            reasons += [r.reason for r in guards]
-        elif not triggered:
-            failing = [r.reason for _, r in triggers if not r.ok]
-            reasons = failing if self.mode == "all" else [r.reason for _, r in triggers]
-            reasons += [r.reason for r in guards if not r.ok]
-        else:
-            reasons = blocking_guards + [r.reason for r in holding]
+        is_open = triggered and all(r.ok for r in guards)
         return WindowDecision(
             open=is_open,
-            reasons=reasons,
+            reasons=self._reasons(triggers, guards, triggered=triggered, is_open=is_open),
             closes_at=closes_at if is_open else None,
             triggers=results,
             at=now,
             mode=self.mode,
         )
+
+    def _closes_at(
+        self, triggers: list[tuple[str, TriggerResult]], holding: list[TriggerResult]
+    ) -> datetime | None:
+        """When a triggered window closes: ``any``: the last holding trigger's end (unknown if one is
+        open-ended); ``all``: the first known end."""
+        if self.mode == "any":
+            ends = [r.ends_at for r in holding]
+            return max(ends) if holding and all(e is not None for e in ends) else None  # type: ignore[type-var]
+        known = [r.ends_at for _, r in triggers if r.ends_at is not None]
+        return min(known) if known else None
+
+    def _min_window(self, now: datetime, closes_at: datetime, currently_open: bool) -> TriggerResult:
+        if currently_open:
+            return TriggerResult(
+                role="guard", ok=True, reason="window already open; min_window applies only to opening"
+            )
+        left = closes_at - now
+        if left < timedelta(minutes=self.min_window_minutes):
+            return TriggerResult(
+                role="guard",
+                ok=False,
+                reason=(
+                    f"window would last {_minutes(left.total_seconds())} (until {_at(closes_at, now, self.tz)})"
+                    f" < min_window {_num(self.min_window_minutes)} min"
+                ),
+            )
+        return TriggerResult(
+            role="guard",
+            ok=True,
+            reason=f"window lasts {_minutes(left.total_seconds())} >= {_num(self.min_window_minutes)} min",
+        )
+
+    def _reasons(
+        self,
+        triggers: list[tuple[str, TriggerResult]],
+        guards: list[TriggerResult],
+        *,
+        triggered: bool,
+        is_open: bool,
+    ) -> list[str]:
+        """The decisive reasons first: open: the triggers that hold, then every guard; not triggered:
+        the triggers (only the failing ones in ``all`` mode), then failing guards; blocked: the guards."""
+        holding = [r.reason for _, r in triggers if r.ok]
+        if is_open:
+            reasons = holding if self.mode == "any" else [r.reason for _, r in triggers]
+            return reasons + [r.reason for r in guards]
+        failing_guards = [r.reason for r in guards if not r.ok]
+        if not triggered:
+            failing = [r.reason for _, r in triggers if not r.ok]
+            reasons = failing if self.mode == "all" else [r.reason for _, r in triggers]
+            return reasons + failing_guards
+        return failing_guards + holding
 
     # -- planning ------------------------------------------------------------------------------------
 
