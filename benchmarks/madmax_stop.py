@@ -14,6 +14,7 @@ Prints one line: the session's status, its steps and the seconds ``stop()`` took
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,13 @@ def _captured_store(home: Path):
 
 def main(timeout: float = 600.0) -> int:
     home = Path(tempfile.mkdtemp(prefix="madmax-stop-"))
+    try:
+        return _run(home, timeout)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # ~130 MB of checkpoints per run
+
+
+def _run(home: Path, timeout: float) -> int:
     os.environ["METACLAW_HOME"] = str(home)
     os.environ.setdefault("METACLAW_TORCH_THREADS", "1")
 
