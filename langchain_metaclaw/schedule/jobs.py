@@ -13,10 +13,7 @@ import time
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
-
-from sqlalchemy import Engine
 
 __all__ = [
     "JOBSTORE_TABLE",
@@ -67,34 +64,18 @@ def registered(key: str | None = None) -> list[Any]:
         return [s for group in groups for s in group]
 
 
-@lru_cache(maxsize=1)
-def _jobstore_class() -> type:
-    """``SQLAlchemyJobStore`` that leaves the shared engine alone on shutdown.
-
-    The stock ``shutdown()`` disposes the engine, which belongs to the trace store (and would erase an
-    in-memory SQLite store held by its single ``StaticPool`` connection).
-    """
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-
-    class SharedEngineJobStore(SQLAlchemyJobStore):
-        def shutdown(self) -> None:
-            pass
-
-    return SharedEngineJobStore
-
-
 def build_scheduler(
-    engine: Engine,
+    jobstore: Any,
     job: Callable[[str], None],
     key: str,
     *,
     job_id: str,
     interval: float,
     blocking: bool,
-    table: str = JOBSTORE_TABLE,
 ) -> Any:
-    """A Blocking- or BackgroundScheduler (UTC, two worker threads) whose job store is ``table`` on
-    ``engine``, holding one interval job ``job(key)`` (id ``job_id``) due at once."""
+    """A Blocking- or BackgroundScheduler (UTC, two worker threads) on ``jobstore`` (the store's
+    :meth:`~langchain_metaclaw.store.schedule.ScheduleQueries.scheduler_jobstore`), holding one interval
+    job ``job(key)`` (id ``job_id``) due at once."""
     from apscheduler.executors.pool import ThreadPoolExecutor
 
     if blocking:
@@ -102,7 +83,7 @@ def build_scheduler(
     else:
         from apscheduler.schedulers.background import BackgroundScheduler as cls
     scheduler = cls(
-        jobstores={"default": _jobstore_class()(engine=engine, tablename=table)},
+        jobstores={"default": jobstore},
         executors={"default": ThreadPoolExecutor(max_workers=2)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         timezone=UTC,

@@ -378,8 +378,8 @@ class MadMaxScheduler:
             self._stopping = False
             self._started = True
             self._scheduler = scheduler = build_scheduler(
-                self.store.engine, _watchdog_job, self._key, job_id=self.job_id, interval=self.check_interval,
-                blocking=self.blocking, table=self.jobstore_table,
+                self.store.scheduler_jobstore(self.jobstore_table), _watchdog_job, self._key, job_id=self.job_id,
+                interval=self.check_interval, blocking=self.blocking,
             )
         register(self._key, self)
         _stop_at_exit_registered()

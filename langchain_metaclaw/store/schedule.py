@@ -1,4 +1,4 @@
-"""The scheduler's statements: ``schedule_events`` rows and the read of APScheduler's job table.
+"""The scheduler's statements: ``schedule_events`` rows, APScheduler's job store and the read of its job table.
 
 What the events mean (and which are written) is :mod:`langchain_metaclaw.schedule.events`; this module
 only stores and reads them. Times in and out are aware UTC.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, insert, select
@@ -40,6 +41,22 @@ class ScheduleEvent:
     def __str__(self) -> str:
         why = "; ".join(self.reasons)
         return f"{self.at.isoformat(timespec='seconds')} {self.event}" + (f": {why}" if why else "")
+
+
+@lru_cache(maxsize=1)
+def _jobstore_class() -> type:
+    """``SQLAlchemyJobStore`` that leaves the shared engine alone on shutdown.
+
+    The stock ``shutdown()`` disposes the engine, which belongs to the trace store (and would erase an
+    in-memory SQLite store held by its single ``StaticPool`` connection).
+    """
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+    class SharedEngineJobStore(SQLAlchemyJobStore):
+        def shutdown(self) -> None:
+            pass
+
+    return SharedEngineJobStore
 
 
 class ScheduleQueries:
@@ -77,6 +94,11 @@ class ScheduleQueries:
                           details=dict(r.details or {}))
             for r in rows
         ]
+
+    def scheduler_jobstore(self, table: str) -> Any:
+        """An APScheduler ``SQLAlchemyJobStore`` on this store's engine, keeping its jobs in ``table``
+        (APScheduler issues its own statements there; shutting it down leaves the engine open)."""
+        return _jobstore_class()(engine=self.engine, tablename=table)
 
     def scheduler_jobs(self, table: str) -> list[dict[str, Any]]:
         """The rows of APScheduler's job table ``table`` (``id``, ``next_run_time`` as aware UTC or ``None``),
