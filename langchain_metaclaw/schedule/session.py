@@ -100,12 +100,10 @@ class TrainingSession:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the session ended and both its threads finished; ``True`` when they did in time."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in (self.thread, self.heartbeat):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return self.done.is_set() and not any(t is not None and t.is_alive()
-                                              for t in (self.thread, self.heartbeat)
-                                              if t is not threading.current_thread())
+        threads = [t for t in (self.thread, self.heartbeat) if t is not None and t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.done.is_set() and not any(t.is_alive() for t in threads)
 
     def start(self) -> None:
         """Start the work thread and the heartbeat (both daemons: a stuck step never blocks an exit)."""
