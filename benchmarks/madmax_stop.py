@@ -1,6 +1,6 @@
 """A program that exits right after ``MadMaxScheduler.stop()`` must exit cleanly (issue 17).
 
-Starts MadMax (background mode) on a temporary SQLite store holding four captured and scored turns of the
+Starts MadMax (background mode) on a fresh SQLite store holding four captured and scored turns of the
 embedded model, with signals that open the window at once; waits until the real local training session
 has run one step; calls ``stop()`` and returns from ``main``. Exit status 0 means the whole round trip
 (including interpreter shutdown, which used to abort with SIGABRT while the session thread still freed
@@ -42,15 +42,24 @@ def _captured_store(home: Path):
     return store
 
 
+def _home() -> Path:
+    """``$MADMAX_STOP_HOME`` (the test passes its temporary folder), else one fixed folder in the temp dir.
+
+    The fixed folder is emptied at the start of each run, not at its end: the program must exit right
+    after ``stop()`` (removing ~130 MB of checkpoints first would give a lingering thread the time to
+    finish and hide the crash). So run one copy at a time.
+    """
+    given = os.environ.get("MADMAX_STOP_HOME")
+    if given:
+        return Path(given)
+    home = Path(tempfile.gettempdir()) / "madmax-stop-home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    return home
+
+
 def main(timeout: float = 600.0) -> int:
-    home = Path(tempfile.mkdtemp(prefix="madmax-stop-"))
-    try:
-        return _run(home, timeout)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)  # ~130 MB of checkpoints per run
-
-
-def _run(home: Path, timeout: float) -> int:
+    home = _home()
     os.environ["METACLAW_HOME"] = str(home)
     os.environ.setdefault("METACLAW_TORCH_THREADS", "1")
 

@@ -14,14 +14,10 @@ from typing import Any
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, insert, select
 from sqlalchemy import inspect as sa_inspect
 
+from langchain_metaclaw.store.leases import _aware  # LOCAL until UTCDateTime returns aware UTC
 from langchain_metaclaw.store.schema import schedule_events
 
 __all__ = ["ScheduleEvent", "ScheduleQueries"]
-
-
-def _aware(when: datetime) -> datetime:
-    # LOCAL until the store's UTCDateTime TypeDecorator lands: SQLite hands back naive UTC wall times.
-    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

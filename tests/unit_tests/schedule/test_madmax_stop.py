@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_a_program_exiting_right_after_stop_exits_cleanly(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "METACLAW_TORCH_THREADS": "1"}
+           "METACLAW_TORCH_THREADS": "1", "MADMAX_STOP_HOME": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "madmax_stop.py")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
