@@ -189,8 +189,9 @@ def schedule_start(store_url: str | None, idle_minutes: float | None, sleep_hour
                    check_interval: float) -> None:
     """Run the scheduler in the foreground: score + train whenever a window opens, stop when it closes."""
     from langchain_metaclaw.schedule.calendar import CalendarSource
-    from langchain_metaclaw.schedule.scheduler import run_schedule
-    from langchain_metaclaw.schedule.windows import SystemSignals, WindowPolicy
+    from langchain_metaclaw.schedule.foreground import run_schedule
+    from langchain_metaclaw.schedule.signals import SystemSignals
+    from langchain_metaclaw.schedule.windows import WindowPolicy
 
     options = {"idle_minutes": idle_minutes, "sleep_hours": sleep_hours, "timezone": timezone,
                "max_requests_per_minute": max_requests_per_minute}

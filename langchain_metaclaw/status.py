@@ -49,7 +49,7 @@ def _scheduler_section(store: TraceStore) -> dict[str, Any] | None:
     started = recent_events(store, 1, event="scheduler_started")
     if not started:
         return None
-    from langchain_metaclaw.schedule.scheduler import scheduler_status
+    from langchain_metaclaw.schedule.report import scheduler_status
     from langchain_metaclaw.schedule.windows import WindowPolicy
 
     try:

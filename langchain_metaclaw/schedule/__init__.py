@@ -18,12 +18,11 @@ from langchain_metaclaw.schedule.calendar import (
     Interval,
     merge_intervals,
 )
-from langchain_metaclaw.schedule.clock import Clock, FakeClock, SystemClock, local_timezone, resolve_local
+from langchain_metaclaw.schedule.clock import Clock, SystemClock, local_timezone, resolve_local
 from langchain_metaclaw.schedule.idle import (
     DETECTORS,
     DetectionResult,
     IdleDetector,
-    IdleUnavailable,
     IoregIdleDetector,
     LogindIdleDetector,
     MutterIdleDetector,
@@ -34,24 +33,24 @@ from langchain_metaclaw.schedule.idle import (
     detection_report,
     format_detection_report,
 )
+from langchain_metaclaw.schedule.idle_os import IdleUnavailable
+from langchain_metaclaw.schedule.signals import SystemSignals, battery_status
+from langchain_metaclaw.schedule.watchdog import Watchdog
 from langchain_metaclaw.schedule.windows import (
     SignalProvider,
-    SystemSignals,
     TriggerResult,
-    Watchdog,
     WindowDecision,
     WindowPolicy,
     WindowSignals,
-    battery_status,
     parse_sleep_hours,
 )
 
 # Phase 2 (the APScheduler jobs, the store lease, stored decisions): imported on first use.
 _dynamic_imports = {
     "MadMaxScheduler": "scheduler",
-    "TrainingSession": "scheduler",
-    "run_schedule": "scheduler",
-    "scheduler_status": "scheduler",
+    "TrainingSession": "session",
+    "run_schedule": "foreground",
+    "scheduler_status": "report",
     "ScheduleEvent": "events",
     "recent_events": "events",
     "record_event": "events",
@@ -67,7 +66,6 @@ __all__ = [
     "CalendarUnavailable",
     "Clock",
     "DetectionResult",
-    "FakeClock",
     "IdleDetector",
     "IdleUnavailable",
     "Interval",

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select
+from langchain_metaclaw.store.schedule import ScheduleEvent
 
-from langchain_metaclaw.store.schema import schedule_events
+if TYPE_CHECKING:
+    from langchain_metaclaw.store import TraceStore
 
 __all__ = [
     "EVENT_TYPES",
-    "ScheduleEvent",
     "jsonable",
     "recent_events",
     "record_event",
@@ -79,27 +78,8 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-@dataclass(frozen=True)
-class ScheduleEvent:
-    """One row of ``schedule_events``."""
-
-    id: int
-    at: datetime
-    """UTC."""
-    event: str
-    reasons: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "at": self.at, "event": self.event, "reasons": self.reasons, "details": self.details}
-
-    def __str__(self) -> str:
-        why = "; ".join(self.reasons)
-        return f"{self.at.isoformat(timespec='seconds')} {self.event}" + (f": {why}" if why else "")
-
-
 def record_event(
-    store: Any,
+    store: TraceStore,
     event: str,
     reasons: list[str] | tuple[str, ...] | str | None = None,
     details: dict[str, Any] | None = None,
@@ -115,49 +95,21 @@ def record_event(
         reasons = [reasons]
     reasons = [str(r) for r in (reasons or [])]
     at = (at or datetime.now(UTC)).astimezone(UTC)
-    row = {"at": at, "event": event, "reasons": reasons, "details": jsonable(details or {})}
     logger.info("madmax %s%s", event, (": " + "; ".join(reasons)) if reasons else "")
-    engine = getattr(store, "engine", store)
     try:
-        with engine.begin() as conn:
-            result = conn.execute(insert(schedule_events).values(**row))
-            key = result.inserted_primary_key
-            return int(key[0]) if key and key[0] is not None else None
+        return store.add_schedule_event(event, reasons, jsonable(details or {}), at=at)
     except Exception:  # noqa: BLE001 - see docstring
         logger.exception("could not store schedule event %r", event)
         return None
 
 
-def _aware(when: datetime) -> datetime:
-    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
 def recent_events(
-    store: Any,
+    store: TraceStore,
     limit: int = 20,
     *,
     event: str | list[str] | tuple[str, ...] | None = None,
     since: datetime | None = None,
 ) -> list[ScheduleEvent]:
     """The last ``limit`` events, newest first; optionally only of the given type(s), or after ``since``."""
-    t = schedule_events
-    stmt = select(t).order_by(t.c.at.desc(), t.c.id.desc())
-    if event is not None:
-        stmt = stmt.where(t.c.event.in_([event] if isinstance(event, str) else list(event)))
-    if since is not None:
-        stmt = stmt.where(t.c.at >= since.astimezone(UTC))
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    engine = getattr(store, "engine", store)
-    with engine.connect() as conn:
-        rows = conn.execute(stmt).all()
-    return [
-        ScheduleEvent(
-            id=int(r.id),
-            at=_aware(r.at),
-            event=r.event,
-            reasons=list(r.reasons or []),
-            details=dict(r.details or {}),
-        )
-        for r in rows
-    ]
+    events = None if event is None else [event] if isinstance(event, str) else list(event)
+    return store.schedule_events(limit, events=events, since=since.astimezone(UTC) if since else None)

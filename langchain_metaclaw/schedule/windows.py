@@ -16,50 +16,36 @@ Guards (always required, whatever the mode):
   this long to *open*; an open window is not cut short by it.
 
 :meth:`WindowPolicy.evaluate` turns ``(now, WindowSignals)`` into a :class:`WindowDecision` with a
-human-readable reason for every trigger and guard. :class:`SystemSignals` gathers the signals on a real
-machine; :class:`Watchdog` calls both on a clock and sets a ``threading.Event`` when an open window
-closes, which the trainer checks between steps.
+human-readable reason for every trigger and guard. :class:`~langchain_metaclaw.schedule.signals.SystemSignals`
+gathers the signals on a real machine; :class:`~langchain_metaclaw.schedule.watchdog.Watchdog` calls both on a
+clock and sets a ``threading.Event`` when an open window closes, which the trainer checks between steps.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta, tzinfo
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.schedule.calendar import (
-    CalendarSource,
-    CalendarUnavailable,
     Interval,
     merge_intervals,
 )
-from langchain_metaclaw.schedule.clock import Clock, SystemClock, local_timezone, resolve_local
-from langchain_metaclaw.schedule.idle import (
-    DetectionResult,
-    IdleDetector,
-    IdleUnavailable,
-    detect_idle_detector,
-    format_detection_report,
-)
+from langchain_metaclaw.schedule.clock import local_timezone, resolve_local
 
 __all__ = [
     "SignalProvider",
-    "SystemSignals",
     "TriggerResult",
-    "Watchdog",
     "WindowDecision",
     "WindowPolicy",
     "WindowSignals",
-    "battery_status",
     "parse_sleep_hours",
 ]
 
@@ -159,6 +145,15 @@ class WindowDecision(BaseModel):
     @property
     def summary(self) -> str:
         return f"{'open' if self.open else 'closed'}: " + "; ".join(self.reasons)
+
+    def blocked_by(self) -> tuple[str, ...] | None:
+        """The guards that keep the window shut although its triggers hold (``None``: not that case)."""
+        if self.open or not self.triggers:
+            return None
+        triggers = [r.ok for r in self.triggers.values() if r.role == "trigger"]
+        held = (all(triggers) if self.mode == "all" else any(triggers)) if triggers else False
+        blocking = tuple(sorted(n for n, r in self.triggers.items() if r.role == "guard" and not r.ok))
+        return blocking if held and blocking else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,60 +369,74 @@ class WindowPolicy(BaseModel):
             results["battery"] = self._battery(signals)
 
         holding = [r for _, r in triggers if r.ok]
-        if self.mode == "any":
-            triggered = bool(holding)
-            ends = [r.ends_at for r in holding]
-            closes_at = max(ends) if holding and all(e is not None for e in ends) else None  # type: ignore[type-var]
-        else:
-            triggered = len(holding) == len(triggers)
-            known = [r.ends_at for _, r in triggers if r.ends_at is not None]
-            closes_at = min(known) if triggered and known else None
-        if not triggered:
-            closes_at = None
-
+        triggered = bool(holding) if self.mode == "any" else len(holding) == len(triggers)
+        closes_at = self._closes_at(triggers, holding) if triggered else None
         if self.min_window_minutes > 0 and triggered and closes_at is not None:
-            need = timedelta(minutes=self.min_window_minutes)
-            left = closes_at - now
-            if currently_open:
-                results["min_window"] = TriggerResult(
-                    role="guard", ok=True, reason="window already open; min_window applies only to opening"
-                )
-            elif left < need:
-                results["min_window"] = TriggerResult(
-                    role="guard",
-                    ok=False,
-                    reason=(
-                        f"window would last {_minutes(left.total_seconds())} (until {_at(closes_at, now, self.tz)})"
-                        f" < min_window {_num(self.min_window_minutes)} min"
-                    ),
-                )
-            else:
-                results["min_window"] = TriggerResult(
-                    role="guard",
-                    ok=True,
-                    reason=f"window lasts {_minutes(left.total_seconds())} >= {_num(self.min_window_minutes)} min",
-                )
+            results["min_window"] = self._min_window(now, closes_at, currently_open)
 
         guards = [r for r in results.values() if r.role == "guard"]
-        blocking_guards = [r.reason for r in guards if not r.ok]
-        is_open = triggered and not blocking_guards
-        if is_open:
-            reasons = [r.reason for r in holding] if self.mode == "any" else [r.reason for _, r in triggers]
-            reasons += [r.reason for r in guards]
-        elif not triggered:
-            failing = [r.reason for _, r in triggers if not r.ok]
-            reasons = failing if self.mode == "all" else [r.reason for _, r in triggers]
-            reasons += [r.reason for r in guards if not r.ok]
-        else:
-            reasons = blocking_guards + [r.reason for r in holding]
+        is_open = triggered and all(r.ok for r in guards)
         return WindowDecision(
             open=is_open,
-            reasons=reasons,
+            reasons=self._reasons(triggers, guards, triggered=triggered, is_open=is_open),
             closes_at=closes_at if is_open else None,
             triggers=results,
             at=now,
             mode=self.mode,
         )
+
+    def _closes_at(
+        self, triggers: list[tuple[str, TriggerResult]], holding: list[TriggerResult]
+    ) -> datetime | None:
+        """When a triggered window closes: ``any``: the last holding trigger's end (unknown if one is
+        open-ended); ``all``: the first known end."""
+        if self.mode == "any":
+            ends = [r.ends_at for r in holding]
+            return max(ends) if holding and all(e is not None for e in ends) else None  # type: ignore[type-var]
+        known = [r.ends_at for _, r in triggers if r.ends_at is not None]
+        return min(known) if known else None
+
+    def _min_window(self, now: datetime, closes_at: datetime, currently_open: bool) -> TriggerResult:
+        if currently_open:
+            return TriggerResult(
+                role="guard", ok=True, reason="window already open; min_window applies only to opening"
+            )
+        left = closes_at - now
+        if left < timedelta(minutes=self.min_window_minutes):
+            return TriggerResult(
+                role="guard",
+                ok=False,
+                reason=(
+                    f"window would last {_minutes(left.total_seconds())} (until {_at(closes_at, now, self.tz)})"
+                    f" < min_window {_num(self.min_window_minutes)} min"
+                ),
+            )
+        return TriggerResult(
+            role="guard",
+            ok=True,
+            reason=f"window lasts {_minutes(left.total_seconds())} >= {_num(self.min_window_minutes)} min",
+        )
+
+    def _reasons(
+        self,
+        triggers: list[tuple[str, TriggerResult]],
+        guards: list[TriggerResult],
+        *,
+        triggered: bool,
+        is_open: bool,
+    ) -> list[str]:
+        """The decisive reasons first: open: the triggers that hold, then every guard; not triggered:
+        the triggers (only the failing ones in ``all`` mode), then failing guards; blocked: the guards."""
+        holding = [r.reason for _, r in triggers if r.ok]
+        if is_open:
+            reasons = holding if self.mode == "any" else [r.reason for _, r in triggers]
+            return reasons + [r.reason for r in guards]
+        failing_guards = [r.reason for r in guards if not r.ok]
+        if not triggered:
+            failing = [r.reason for _, r in triggers if not r.ok]
+            reasons = failing if self.mode == "all" else [r.reason for _, r in triggers]
+            return reasons + failing_guards
+        return failing_guards + holding
 
     # -- planning ------------------------------------------------------------------------------------
 
@@ -492,240 +501,7 @@ def _intersect(
     return _union(out)
 
 
-# --------------------------------------------------------------------------------------------------
-# Gathering signals on a real machine
-# --------------------------------------------------------------------------------------------------
-
-
 class SignalProvider(Protocol):
     """Anything that returns the :class:`WindowSignals` for ``now`` (tests pass a lambda)."""
 
     def __call__(self, now: datetime) -> WindowSignals: ...
-
-
-def battery_status() -> tuple[bool | None, str]:
-    """``(on_battery, note)`` from ``psutil.sensors_battery()``; psutil is optional.
-
-    A machine without a battery is "not on battery"; without psutil, or when the OS does not say,
-    the state is unknown (``None``).
-    """
-    try:
-        import psutil
-    except ImportError:
-        return None, "psutil not installed"
-    try:
-        battery = psutil.sensors_battery()
-    except Exception as exc:  # noqa: BLE001 - platform quirks must not stop the scheduler
-        return None, f"psutil.sensors_battery failed: {exc}"
-    if battery is None:
-        return False, "no battery"
-    if battery.power_plugged is None:
-        return None, "power source not reported"
-    return (not battery.power_plugged), ("on battery" if not battery.power_plugged else "on AC power")
-
-
-@dataclass
-class SystemSignals:
-    """Reads the signals a policy needs on this machine. Every failure becomes a reason, never a crash.
-
-    Args:
-        idle: an :class:`IdleDetector`, ``"auto"`` (detect on first use, and again after
-            ``redetect_after`` when none works or the chosen one fails), or ``None`` (no idle signal).
-        preferred_detectors: detector names for ``"auto"`` (see :func:`detect_idle_detector`).
-        detectors: detector objects for ``"auto"`` to choose from instead of the built-in ones.
-        calendar: a :class:`CalendarSource`, or ``None``.
-        requests_per_minute: a number, or a callable returning one (the trace store will provide it).
-        battery: read the battery state (``True``) or not.
-    """
-
-    idle: IdleDetector | Literal["auto"] | None = "auto"
-    preferred_detectors: Sequence[str] | None = None
-    detectors: Sequence[IdleDetector] | None = None
-    calendar: CalendarSource | None = None
-    requests_per_minute: float | Callable[[], float | None] | None = None
-    battery: bool = False
-    calendar_lookback: timedelta = timedelta(days=1)
-    calendar_lookahead: timedelta = timedelta(days=2)
-    redetect_after: timedelta = timedelta(minutes=10)
-    battery_reader: Callable[[], tuple[bool | None, str]] = battery_status
-    _detector: IdleDetector | None = field(default=None, init=False, repr=False)
-    _detected_at: datetime | None = field(default=None, init=False, repr=False)
-    _detect_report: list[DetectionResult] = field(default_factory=list, init=False, repr=False)
-
-    @classmethod
-    def for_policy(cls, policy: WindowPolicy, **kwargs: Any) -> SystemSignals:
-        """Only the signals ``policy`` uses: no idle probing without an idle trigger, and so on."""
-        kwargs.setdefault("idle", "auto" if policy.idle_minutes is not None else None)
-        if not policy.calendar:
-            kwargs["calendar"] = None
-        if policy.max_requests_per_minute is None:
-            kwargs["requests_per_minute"] = None
-        kwargs.setdefault("battery", policy.skip_on_battery)
-        return cls(**kwargs)
-
-    @property
-    def detection(self) -> list[DetectionResult]:
-        """The last idle-detector probe results (for ``metaclaw status``)."""
-        return list(self._detect_report)
-
-    def _idle_signal(self, now: datetime) -> tuple[float | None, str | None]:
-        if self.idle is None:
-            return None, "no idle detector configured"
-        if self.idle != "auto":
-            return self._read(self.idle)
-        if self._detector is None:
-            due = self._detected_at is None or now - self._detected_at >= self.redetect_after
-            if due:
-                report: list[DetectionResult] = []
-                self._detector = detect_idle_detector(
-                    self.preferred_detectors, candidates=self.detectors, report=report
-                )
-                self._detect_report = report
-                self._detected_at = now
-            if self._detector is None:
-                return None, f"no idle detector available: {format_detection_report(self._detect_report)}"
-        seconds, error = self._read(self._detector)
-        if error is not None:
-            self._detector = None  # try the others on the next call
-            self._detected_at = None
-        return seconds, error
-
-    @staticmethod
-    def _read(detector: IdleDetector) -> tuple[float | None, str | None]:
-        name = getattr(detector, "name", type(detector).__name__)
-        try:
-            seconds = float(detector.idle_seconds())
-        except IdleUnavailable as exc:
-            return None, f"idle detector {exc}"
-        except Exception as exc:  # noqa: BLE001
-            return None, f"idle detector {name} failed: {type(exc).__name__}: {exc}"
-        if not math.isfinite(seconds) or seconds < 0:
-            return None, f"idle detector {name} returned {seconds!r}"
-        return seconds, None
-
-    def _calendar_signal(self, now: datetime) -> tuple[list[Interval] | None, str | None, str | None]:
-        if self.calendar is None:
-            return None, "no calendar configured", None
-        try:
-            busy = self.calendar.busy_intervals(now - self.calendar_lookback, now + self.calendar_lookahead)
-        except CalendarUnavailable as exc:
-            return None, exc.reason, None
-        except Exception as exc:  # noqa: BLE001
-            return None, f"{type(exc).__name__}: {exc}", None
-        return busy, None, self.calendar.last_error
-
-    def _load_signal(self) -> tuple[float | None, str | None]:
-        source = self.requests_per_minute
-        if source is None:
-            return None, "no load signal configured"
-        try:
-            value = source() if callable(source) else source
-        except Exception as exc:  # noqa: BLE001
-            return None, f"load signal failed: {type(exc).__name__}: {exc}"
-        if value is None:
-            return None, "load signal returned nothing"
-        return float(value), None
-
-    def __call__(self, now: datetime) -> WindowSignals:
-        idle_seconds, idle_error = self._idle_signal(now)
-        busy, calendar_error, calendar_warning = self._calendar_signal(now)
-        rpm, load_error = self._load_signal()
-        on_battery, note = self.battery_reader() if self.battery else (None, "battery not checked")
-        return WindowSignals(
-            idle_seconds=idle_seconds,
-            idle_error=idle_error,
-            busy=busy,
-            calendar_error=calendar_error,
-            calendar_warning=calendar_warning,
-            requests_per_minute=rpm,
-            load_error=load_error,
-            on_battery=on_battery,
-            battery_note=note,
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# The watchdog
-# --------------------------------------------------------------------------------------------------
-
-
-class Watchdog:
-    """Evaluates the policy on a clock and stops training when the window closes.
-
-    Call :meth:`check` every few seconds (phase 2: an APScheduler interval job). When a window that was
-    open closes, :attr:`stop_event` is set; the trainer checks it between steps and checkpoints. The event
-    stays set until :meth:`reset` (call it when a new training run starts). Each transition (and the first
-    decision) is logged with its reasons and passed to ``on_decision``, which must not block for long;
-    its errors are logged, never raised. A signal provider that raises counts as a closed window.
-    """
-
-    def __init__(
-        self,
-        policy: WindowPolicy,
-        signals: SignalProvider,
-        clock: Clock | None = None,
-        *,
-        on_decision: Callable[[WindowDecision], None] | None = None,
-        stop_event: threading.Event | None = None,
-    ) -> None:
-        self.policy = policy
-        self.signals = signals
-        self.clock = clock or SystemClock()
-        self.on_decision = on_decision
-        self.stop_event = stop_event or threading.Event()
-        self._lock = threading.Lock()
-        self._open = False
-        self._last: WindowDecision | None = None
-        self.transitions = 0
-
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
-    @property
-    def last_decision(self) -> WindowDecision | None:
-        return self._last
-
-    def reset(self) -> None:
-        """Clear :attr:`stop_event` for the next training run (the open/closed state is kept)."""
-        self.stop_event.clear()
-
-    def check(self) -> WindowDecision:
-        """Evaluate now; on open→closed set :attr:`stop_event` (after ``on_decision``). Returns the decision."""
-        with self._lock:
-            now = self.clock.now()
-            try:
-                signals = self.signals(now)
-                decision = self.policy.evaluate(now, signals, currently_open=self._open)
-            except Exception as exc:  # noqa: BLE001 - the watchdog must keep running, and fail closed
-                logger.exception("window check failed")
-                decision = WindowDecision(
-                    open=False,
-                    reasons=[f"signals failed: {type(exc).__name__}: {exc}"],
-                    at=now,
-                    mode=self.policy.mode,
-                )
-            first = self._last is None
-            changed = decision.open != self._open
-            was_open = self._open
-            self._open = decision.open
-            self._last = decision
-            if changed:
-                self.transitions += 1
-        if first or changed:
-            if decision.open:
-                until = f" until {decision.closes_at.isoformat()}" if decision.closes_at else ""
-                logger.info("training window open%s: %s", until, "; ".join(decision.reasons))
-            elif was_open:
-                logger.info("training window closed: %s", "; ".join(decision.reasons))
-            else:
-                logger.info("no training window: %s", "; ".join(decision.reasons))
-            if self.on_decision is not None:
-                try:
-                    self.on_decision(decision)
-                except Exception:  # noqa: BLE001
-                    logger.exception("on_decision callback failed")
-        if was_open and not decision.open:
-            # after on_decision: the close is recorded before the trainer can react and record its end
-            self.stop_event.set()
-        return decision

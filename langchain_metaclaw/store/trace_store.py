@@ -32,8 +32,10 @@ from langchain_metaclaw.errors import StoreError
 from langchain_metaclaw.store import schema, sqlite_json
 from langchain_metaclaw.store.base import StoreBase
 from langchain_metaclaw.store.health import HealthMixin
+from langchain_metaclaw.store.leases import LeaseQueries
 from langchain_metaclaw.store.migrations import migrate
 from langchain_metaclaw.store.records import AdapterVersion, Episode, Turn, TurnKind
+from langchain_metaclaw.store.schedule import ScheduleQueries
 from langchain_metaclaw.store.scores import ScoresMixin
 from langchain_metaclaw.store.spool import orphan_segments, read_segment
 from langchain_metaclaw.store.training_queries import TrainingQueriesMixin
@@ -121,13 +123,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, StoreBase):
+class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, LeaseQueries, ScheduleQueries, StoreBase):
     """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
 
     Capture writes, episode and turn reads and adapters live here; scores, feedback and judge calls in
     :class:`~langchain_metaclaw.store.scores.ScoresMixin`, train runs and training data in
     :class:`~langchain_metaclaw.store.training_queries.TrainingQueriesMixin`, counts and checks in
-    :class:`~langchain_metaclaw.store.health.HealthMixin`.
+    :class:`~langchain_metaclaw.store.health.HealthMixin`, the scheduler's lease, events and job table in
+    :class:`~langchain_metaclaw.store.leases.LeaseQueries` and :class:`~langchain_metaclaw.store.schedule.ScheduleQueries`.
 
     >>> store = TraceStore("sqlite:///metaclaw.db")          # doctest: +SKIP
     >>> store.turns(kind="llm")[0].completion_token_ids      # doctest: +SKIP

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jeepney.io.blocking import open_dbus_connection
 
-from langchain_metaclaw.schedule.idle import logind_properties_message, mutter_idletime_message
+from langchain_metaclaw.schedule.idle_os import logind_properties_message, mutter_idletime_message
 from tests.unit_tests.schedule.dbus_service import logind_handler, mutter_handler, private_bus, serve
 
 DATA = Path(__file__).parent / "data"

@@ -12,10 +12,9 @@ from jeepney import HeaderFields, Message, MessageType, new_error, new_method_re
 from jeepney.low_level import Parser
 
 from langchain_metaclaw.errors import ConfigurationError
-from langchain_metaclaw.schedule import idle
+from langchain_metaclaw.schedule import idle_os
 from langchain_metaclaw.schedule.idle import (
     DetectionResult,
-    IdleUnavailable,
     IoregIdleDetector,
     LogindIdleDetector,
     MutterIdleDetector,
@@ -25,6 +24,9 @@ from langchain_metaclaw.schedule.idle import (
     detect_idle_detector,
     detection_report,
     format_detection_report,
+)
+from langchain_metaclaw.schedule.idle_os import (
+    IdleUnavailable,
     logind_properties_message,
     mutter_idletime_message,
     parse_ioreg_idle,
@@ -233,12 +235,12 @@ def test_xprintidle_detector_preconditions():
 
 def test_command_failures_become_idle_unavailable():
     with pytest.raises(IdleUnavailable, match="not found"):
-        idle._run_command(["/nonexistent/xprintidle"], 1.0)
+        idle_os.run_command(["/nonexistent/xprintidle"], 1.0)
     with pytest.raises(IdleUnavailable, match=r"exited with status 3: boom"):
-        idle._run_command(
+        idle_os.run_command(
             [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 5.0
         )
-    out = idle._run_command([sys.executable, "-c", "print(4200)"], 5.0)
+    out = idle_os.run_command([sys.executable, "-c", "print(4200)"], 5.0)
     assert parse_xprintidle(out) == 4.2
 
 
@@ -246,9 +248,9 @@ def test_command_timeout_becomes_idle_unavailable(monkeypatch):
     def slow(*args, **kwargs):
         raise subprocess.TimeoutExpired(cmd="xprintidle", timeout=2.0)
 
-    monkeypatch.setattr(idle.subprocess, "run", slow)
+    monkeypatch.setattr(idle_os.subprocess, "run", slow)
     with pytest.raises(IdleUnavailable, match="did not answer within 2 s"):
-        idle._run_command(["xprintidle"], 2.0)
+        idle_os.run_command(["xprintidle"], 2.0)
 
 
 def test_mutter_detector_fakes_the_dbus_call():
@@ -283,12 +285,12 @@ def test_mutter_detector_not_running_reports_the_bus_error():
 def test_dbus_call_without_a_session_address(monkeypatch):
     monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
     with pytest.raises(IdleUnavailable, match=r"no session bus address \(DBUS_SESSION_BUS_ADDRESS unset\)"):
-        idle._dbus_call("SESSION", mutter_idletime_message(), 0.5)
+        idle_os.dbus_call("SESSION", mutter_idletime_message(), 0.5)
 
 
 def test_dbus_call_to_a_missing_socket():
     with pytest.raises(IdleUnavailable, match="FileNotFoundError"):
-        idle._dbus_call("unix:path=/nonexistent/metaclaw-bus", mutter_idletime_message(), 0.5)
+        idle_os.dbus_call("unix:path=/nonexistent/metaclaw-bus", mutter_idletime_message(), 0.5)
 
 
 def test_logind_detector_resolves_a_session_id_then_reads_properties():

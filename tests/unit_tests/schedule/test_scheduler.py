@@ -16,8 +16,10 @@ from sqlalchemy import text, update
 
 from langchain_metaclaw.schedule import MadMaxScheduler, WindowPolicy, WindowSignals, recent_events
 from langchain_metaclaw.schedule.clock import FakeClock
+from langchain_metaclaw.schedule.jobs import JOBSTORE_TABLE
 from langchain_metaclaw.schedule.lease import acquire, current
-from langchain_metaclaw.schedule.scheduler import JOBSTORE_TABLE, _watchdog_job, scheduler_status
+from langchain_metaclaw.schedule.report import scheduler_status
+from langchain_metaclaw.schedule.scheduler import _watchdog_job
 from langchain_metaclaw.store import TraceStore
 from langchain_metaclaw.store.schema import leases
 
@@ -563,3 +565,92 @@ def test_the_training_heartbeat_checks_the_window_when_the_job_runs_elsewhere(st
         assert recent_events(store, 1, event="closed")[0].details["stopping_session"] == session.id
     finally:
         madmax.stop()
+
+
+# ------------------------------------------------------------------------------------- stop() and the trainer
+
+
+class ClosingTrainer(GatedTrainer):
+    """A GatedTrainer whose training backend records when it is closed, and by which thread."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.backend = SimpleNamespace(closed_by=None, close=self._close)
+
+    def _close(self) -> None:
+        time.sleep(0.2)  # freeing a model takes a while; stop() must wait for it
+        self.backend.closed_by = threading.current_thread().name
+
+
+def test_stop_closes_the_trainer_and_joins_the_session_threads(store):
+    clock = FakeClock(T0)
+    user, trainer = User(clock), ClosingTrainer()
+    madmax = make(store, clock, user, trainer)
+    clock.advance(minutes=11)
+    assert madmax.tick().open
+    session = madmax.session
+    wait_for(lambda: session.steps >= 1)
+
+    assert madmax.stop() is session
+    assert session.status == "stopped"
+    assert trainer.backend.closed_by == session.thread.name  # freed in the session's own thread
+    assert not session.thread.is_alive() and not session.heartbeat.is_alive()
+    assert current(store, "madmax") is None
+
+
+def test_stop_joins_a_session_that_already_ended(store):
+    """The race behind the SIGABRT: the session reported its end, its thread still frees the trainer."""
+    clock = FakeClock(T0)
+    user, trainer = User(clock), ClosingTrainer()
+    madmax = make(store, clock, user, trainer)
+    clock.advance(minutes=11)
+    madmax.tick()
+    session = madmax.last_session
+    wait_for(lambda: session.steps >= 1)
+    trainer.finish.set()
+    assert session.wait(10) and madmax.session is None  # ended: the scheduler no longer calls it running
+    madmax.stop()
+    assert session.status == "ok" and trainer.backend.closed_by == session.thread.name
+    assert not session.thread.is_alive() and not session.heartbeat.is_alive()
+
+
+def test_a_run_that_never_trained_does_not_build_a_backend_to_close_it(store):
+    class LazyBackendTrainer:
+        built = False
+
+        @property
+        def backend(self):
+            type(self).built = True
+            raise AssertionError("the backend was built only to be closed")
+
+        def run(self, stop_event=None):
+            return {"status": "skipped", "reason": "no scored turns yet", "steps": 0}
+
+    clock = FakeClock(T0)
+    madmax = MadMaxScheduler(store, IDLE, trainer_factory=LazyBackendTrainer, score_fn=no_scoring,
+                             signals=User(clock).signals, clock=clock)
+    clock.advance(minutes=11)
+    madmax.tick()
+    session = madmax.last_session
+    madmax.stop()
+    assert (session.status, session.reason) == ("skipped", "no scored turns yet")
+    assert not LazyBackendTrainer.built
+
+
+def test_a_trainer_with_close_is_closed_with_it(store):
+    closed = threading.Event()
+
+    class Trainer:
+        def run(self, stop_event=None):
+            return {"status": "ok", "steps": 0}
+
+        def close(self):
+            closed.set()
+
+    clock = FakeClock(T0)
+    madmax = MadMaxScheduler(store, IDLE, trainer_factory=Trainer, score_fn=no_scoring,
+                             signals=User(clock).signals, clock=clock)
+    clock.advance(minutes=11)
+    madmax.tick()
+    madmax.stop()
+    assert closed.is_set()

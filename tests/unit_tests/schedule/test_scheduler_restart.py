@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import text
 
 from langchain_metaclaw.schedule import recent_events
+from langchain_metaclaw.schedule.jobs import JOBSTORE_TABLE
 from langchain_metaclaw.schedule.lease import current
-from langchain_metaclaw.schedule.scheduler import JOBSTORE_TABLE
 from langchain_metaclaw.store import TraceStore
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,7 @@ TTL = 2.0
 CHILD = textwrap.dedent(
     """
     import sys, time, logging; logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s")
-    from langchain_metaclaw.schedule import WindowPolicy, WindowSignals
-    from langchain_metaclaw.schedule.scheduler import run_schedule
+    from langchain_metaclaw.schedule import WindowPolicy, WindowSignals, run_schedule
 
     url, steps_path, holder, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 
@@ -94,7 +93,7 @@ def test_kill_and_restart_never_trains_twice_and_keeps_its_state(store_url, tmp_
         log = open(tmp_path / f"{holder}.log", "w")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
             [sys.executable, str(script), store_url, str(steps_path), holder, str(TTL)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
         )
         procs.append(p)
         return p

@@ -12,15 +12,11 @@ import pytest
 
 from langchain_metaclaw.schedule.calendar import CalendarSource, Interval
 from langchain_metaclaw.schedule.clock import FakeClock
-from langchain_metaclaw.schedule.idle import DetectionResult, IdleUnavailable
-from langchain_metaclaw.schedule.windows import (
-    SystemSignals,
-    Watchdog,
-    WindowDecision,
-    WindowPolicy,
-    WindowSignals,
-    battery_status,
-)
+from langchain_metaclaw.schedule.idle import DetectionResult
+from langchain_metaclaw.schedule.idle_os import IdleUnavailable
+from langchain_metaclaw.schedule.signals import SystemSignals, battery_status
+from langchain_metaclaw.schedule.watchdog import Watchdog
+from langchain_metaclaw.schedule.windows import WindowDecision, WindowPolicy, WindowSignals
 
 DATA = Path(__file__).parent / "data"
 BERLIN = ZoneInfo("Europe/Berlin")
