@@ -34,12 +34,23 @@ from langchain_metaclaw.errors import ConfigurationError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GenerationEngine"]
+__all__ = ["GenerationEngine", "RequestArgs"]
 
 R = TypeVar("R")
 """The record of one finished completion (``LocalEngine``: ``GenerationResult``)."""
 
 Messages = list[dict[str, Any]]
+
+
+class RequestArgs(SamplingArgs, total=False):
+    """:meth:`GenerationEngine.generate`'s keyword arguments: the prompt as ids, tools, adapter and sampling."""
+
+    prompt_token_ids: Sequence[int] | None
+    """A ready prompt (instead of ``messages``)."""
+    tools: list[dict[str, Any]] | None
+    """OpenAI tool schemas, rendered by the chat template."""
+    adapter: str | None
+    """A loaded adapter's name, pinned for the request; ``None`` for the base model."""
 
 
 class GenerationEngine(Generic[R]):
@@ -122,26 +133,17 @@ class GenerationEngine(Generic[R]):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        messages: Messages | None = None,
-        *,
-        prompt_token_ids: Sequence[int] | None = None,
-        tools: list[dict[str, Any]] | None = None,
-        adapter: str | None = None,
-        **sampling: Unpack[SamplingArgs],
-    ) -> R:
+    def generate(self, messages: Messages | None = None, **request: Unpack[RequestArgs]) -> R:
         """Generate one completion for ``messages`` (or for ready ``prompt_token_ids``).
 
         Args:
-            adapter (`str`, *optional*): name of a loaded adapter, pinned for this request; `None` for the base.
-            **sampling: :class:`~langchain_metaclaw.engine.sampling.SamplingArgs` (greedy by default; ``seed``
-                is one int).
+            **request: :meth:`stream`'s arguments (:class:`RequestArgs`): ``prompt_token_ids``, ``tools``,
+                ``adapter`` (a loaded adapter's name, pinned for this request; `None` for the base) and the
+                sampling arguments (:class:`~langchain_metaclaw.engine.sampling.SamplingArgs`; greedy by default,
+                ``seed`` is one int).
         """
         result = None
-        for _, final in self.stream(
-            messages, prompt_token_ids=prompt_token_ids, tools=tools, adapter=adapter, **sampling
-        ):
+        for _, final in self.stream(messages, **request):
             result = final or result
         assert result is not None
         return result

@@ -66,18 +66,17 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            msg = f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
-            raise ConfigurationError(msg)
-        if not 0.0 < self.top_p <= 1.0:
-            msg = f"top_p must be in (0, 1], got {self.top_p}"
-            raise ConfigurationError(msg)
-        if self.top_k < 0:
-            msg = f"top_k must be >= 0 (0 disables it), got {self.top_k}"
-            raise ConfigurationError(msg)
-        if self.max_new_tokens < 1:
-            msg = f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
-            raise ConfigurationError(msg)
+        checks = (
+            (self.temperature >= 0.0 and math.isfinite(self.temperature), "temperature must be >= 0 (0 is greedy)",
+             self.temperature),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", self.top_p),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)", self.top_k),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1", self.max_new_tokens),
+        )
+        for ok, rule, value in checks:
+            if not ok:
+                msg = f"{rule}, got {value}"
+                raise ConfigurationError(msg)
         seed = self.seed
         if seed is not None and not isinstance(seed, int):
             seed = tuple(int(s) for s in seed)
