@@ -1,10 +1,11 @@
 """In-process serving of a base model and any number of LoRA adapters, with exact token-level records.
 
 :class:`LocalEngine` wraps the base model in a peft model once and serves every request with the adapter the
-request names, pinned per request (DESIGN decision 6). Generation (sampling parameters, the decode loop, the
-per-token rules, grammars, batched decoding) is :class:`~langchain_metaclaw.engine.generation.GenerationEngine`'s;
-this class supplies the model to it: one forward pinned to an adapter, adapters held per request, and the
-:class:`GenerationResult` each finished completion becomes. :meth:`LocalEngine.logprobs_of` recomputes a
+request names, pinned per request (DESIGN decision 6). Generation (sampling parameters, the decode loop,
+the per-token rules, grammars, batched decoding) is inherited from
+:class:`~langchain_metaclaw.engine.generation.GenerationEngine`; this class supplies the model to it: one
+forward pinned to an adapter, adapters held per request, and the :class:`GenerationResult` each finished
+completion becomes. :meth:`LocalEngine.logprobs_of` recomputes a
 result's numbers teacher-forced (for re-tokenized samples, and to check the sampler).
 
 How adapters are pinned, and why not peft's own ``adapter_names=`` forward argument as is
@@ -26,8 +27,8 @@ an adapter that targets anything else is refused.
 
 On the request path only tokenizer calls take a lock (``_tokenizer_lock``, held for microseconds): a fast
 tokenizer's Rust object raises "Already borrowed" when two threads use it at once. Compiling a new JSON
-schema takes the grammar compiler's lock once per schema (~10 ms); load/unload are serialised by ``_admin_lock``,
-which no generating request takes. Measured on SmolLM2 (2 cores): peft's hook-based ``adapter_names`` gave
+schema takes the grammar compiler's lock once per schema (~10 ms); load/unload are serialised by
+``_admin_lock``, which no generating request takes. Measured on SmolLM2 (2 cores): peft's hook-based ``adapter_names`` gave
 the wrong adapter's tokens in 5 of 12 concurrent generations; this engine 0 of 38 while adapters were
 loaded and unloaded alongside.
 """
