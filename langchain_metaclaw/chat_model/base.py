@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -40,7 +39,7 @@ from typing import Any, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, InvalidToolCall, ToolCall
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
@@ -445,20 +444,9 @@ class MetaClawChatModel(BaseChatModel):
             json_schema=json_schema,
         )
 
-    def _message(self, completion: Completion, request: CompletionRequest, chunk: bool = False):
-        tool_names = {t["function"]["name"] for t in request.tools} if request.tools else None
-        if completion.tool_calls is not None:  # parsed by the server; malformed ones come typed as invalid
-            content = completion.text
-            calls = [c for c in completion.tool_calls if c.get("type") != "invalid_tool_call"]
-            invalid = [c for c in completion.tool_calls if c.get("type") == "invalid_tool_call"]
-        elif request.json_schema is not None:
-            parsed = parse_tool_call_json(completion.text)
-            content = ""
-            calls, invalid = ([parsed], []) if parsed.get("type") == "tool_call" else ([], [parsed])
-        elif tool_names:
-            content, calls, invalid = parse_tool_calls(completion.text, tool_names)
-        else:
-            content, calls, invalid = completion.text, [], []
+    def _message(self, completion: Completion, request: CompletionRequest) -> AIMessage:
+        """The one message for ``completion``: tool calls parsed once, here, for ``invoke`` and ``stream`` alike."""
+        content, calls, invalid = _split_tool_calls(completion, request)
         engine_meta: dict[str, Any] = {
             "adapter_version": completion.adapter_version,
             "prompt_token_ids": completion.prompt_token_ids,
@@ -478,13 +466,6 @@ class MetaClawChatModel(BaseChatModel):
         }
         usage = completion.usage or create_usage_metadata(len(completion.prompt_token_ids or []),
                                                           len(completion.completion_token_ids or []))
-        if chunk:
-            return AIMessageChunk(
-                content=content,
-                tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"],
-                                   "index": i, "type": "tool_call_chunk"} for i, c in enumerate(calls)],
-                response_metadata=metadata, usage_metadata=usage, chunk_position="last",
-            )
         return AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
                          response_metadata=metadata, usage_metadata=usage)
 
@@ -557,9 +538,8 @@ class MetaClawChatModel(BaseChatModel):
                             run_manager.on_llm_new_token(delta, chunk=chunk)
                         yield chunk
                     continue
-                last = self._message(dataclasses.replace(final, adapter_version=version), request, chunk=True)
-                if not buffer_text:
-                    last.content = ""  # the text already went out in deltas
+                message = self._message(dataclasses.replace(final, adapter_version=version), request)
+                last = _last_chunk(message, streamed_text=not buffer_text)
                 yield ChatGenerationChunk(message=last,
                                           generation_info={"finish_reason": last.response_metadata["finish_reason"]})
 
@@ -599,6 +579,40 @@ class MetaClawChatModel(BaseChatModel):
         finally:
             cancelled.set()
         await producer
+
+
+def _split_tool_calls(
+    completion: Completion, request: CompletionRequest
+) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """``(content, tool_calls, invalid_tool_calls)`` of ``completion``, the one place its tool calls are parsed."""
+    if completion.tool_calls is not None:  # parsed by the server; malformed ones come typed as invalid
+        calls = [c for c in completion.tool_calls if c.get("type") != "invalid_tool_call"]
+        invalid = [c for c in completion.tool_calls if c.get("type") == "invalid_tool_call"]
+        return completion.text, calls, invalid  # type: ignore[return-value]
+    if request.json_schema is not None:  # a forced call: the whole answer is the call
+        parsed = parse_tool_call_json(completion.text)
+        return ("", [parsed], []) if parsed.get("type") == "tool_call" else ("", [], [parsed])  # type: ignore[list-item]
+    if request.tools:
+        return parse_tool_calls(completion.text, {t["function"]["name"] for t in request.tools})
+    return completion.text, [], []
+
+
+def _last_chunk(message: AIMessage, *, streamed_text: bool) -> AIMessageChunk:
+    """The final stream chunk, derived from the message ``invoke`` returns for the same completion.
+
+    It carries that message's ``tool_calls`` and ``invalid_tool_calls`` as they are (langchain-core turns both
+    into ``tool_call_chunks``, as langchain-openai's stream does), its metadata and usage, and its content
+    unless the text already went out in deltas (``streamed_text``). Nothing is parsed a second time, so a
+    call ``invoke`` reports as invalid is reported by ``stream`` as well.
+    """
+    return AIMessageChunk(
+        content="" if streamed_text else message.content,
+        tool_calls=message.tool_calls,
+        invalid_tool_calls=message.invalid_tool_calls,
+        response_metadata=message.response_metadata,
+        usage_metadata=message.usage_metadata,
+        chunk_position="last",
+    )
 
 
 __all__ = ["MetaClawChatModel", "AdapterError"]

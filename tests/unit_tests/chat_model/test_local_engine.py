@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from langchain_metaclaw.chat_model.local_engine import BASE_ADAPTER, GenerationResult, LocalEngine, _Sampling
+from langchain_metaclaw.chat_model.local_engine import BASE_ADAPTER, GenerationResult, LocalEngine
+from langchain_metaclaw.engine.sampling import SamplingParams, behaviour_logprobs
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
 from tests.fixtures.model import ADAPTER_PROMPT
 
@@ -105,9 +106,7 @@ def test_behaviour_logprobs_truncation_keeps_top_token() -> None:
 
 
 def _behaviour_logprobs_for(logits, temperature, *, top_p, top_k):
-    from langchain_metaclaw.chat_model.local_engine import _behaviour_logprobs
-
-    return _behaviour_logprobs(logits, _Sampling(temperature, top_p, top_k))
+    return behaviour_logprobs(logits, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k))
 
 
 def test_stop_string_trims_text_and_keeps_ids(engine: LocalEngine) -> None:
