@@ -32,6 +32,7 @@ from sqlalchemy.pool import StaticPool
 from langchain_metaclaw.config import get_settings, metaclaw_home
 from langchain_metaclaw.errors import StoreError
 from langchain_metaclaw.store import schema, sqlite_json
+from langchain_metaclaw.store.adapters import AdapterStatements
 from langchain_metaclaw.store.migrations import MIGRATIONS, applied_migrations, migrate
 from langchain_metaclaw.store.records import (
     AdapterVersion,
@@ -136,7 +137,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class TraceStore:
+class TraceStore(AdapterStatements):
     """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
 
     >>> store = TraceStore("sqlite:///metaclaw.db")          # doctest: +SKIP

@@ -8,7 +8,6 @@ model: a corrupt file, pickled weights, another rank or another base model is re
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from langchain_metaclaw.adapters import AdapterRegistry, validate_adapter_dir
 from langchain_metaclaw.errors import AdapterError
 from langchain_metaclaw.store.trace_store import TraceStore
+from tests.fixtures.adapters import tiny_lora
 from tests.fixtures.chat import (  # noqa: F401 (serving_engine is a fixture)
     ADAPTER_PROMPT,
     copy_adapter,
@@ -28,14 +28,8 @@ from tests.fixtures.chat import (  # noqa: F401 (serving_engine is a fixture)
 
 
 def fake_adapter(path: Path, *, r: int = 2) -> Path:
-    """A directory that passes the registry's file-level checks (a LoRA config and parseable safetensors)."""
-    import torch
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
-    save_file({"base_model.model.layer.lora_A.weight": torch.zeros(r, 4)}, str(path / "adapter_model.safetensors"))
-    return path
+    """A small LoRA that passes the whole validator against the embedded model (no model is loaded)."""
+    return tiny_lora(path, r=r)
 
 
 @pytest.fixture
@@ -148,7 +142,7 @@ def test_register_refuses_pickled_weights_a_broken_file_and_non_lora(registry, t
         registry.register(pickle_only(fake_adapter(tmp_path / "bin")))
     with pytest.raises(AdapterError, match="are corrupt"):
         registry.register(corrupt(fake_adapter(tmp_path / "corrupt")))
-    with pytest.raises(AdapterError, match="only LORA adapters can be served"):
+    with pytest.raises(AdapterError, match="only LoRA adapters can be served"):
         registry.register(edit_config(fake_adapter(tmp_path / "ia3"), peft_type="IA3"))
     with pytest.raises(AdapterError, match="does not exist"):
         registry.register(tmp_path / "missing")
@@ -241,22 +235,8 @@ def test_bad_adapters_are_refused_at_promotion_and_serving_is_unchanged(
 def test_concurrent_promotions_leave_exactly_one_serving(store, tmp_path):
     """Many promotions racing on one store (SQLite, and PostgreSQL under READ COMMITTED) never leave two
     versions serving."""
-    import json
-    import threading
-
-    import torch
-    from safetensors.torch import save_file
-
-    from langchain_metaclaw.adapters import AdapterRegistry
-
     registry = AdapterRegistry(store)
-    versions = []
-    for i in range(6):
-        d = tmp_path / f"a{i}"
-        d.mkdir()
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-        save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(d / "adapter_model.safetensors"))
-        versions.append(registry.register(d).version)
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}")).version for i in range(6)]
     threads = [threading.Thread(target=registry.promote, args=(v,)) for v in versions for _ in range(3)]
     for t in threads:
         t.start()
