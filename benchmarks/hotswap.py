@@ -143,7 +143,7 @@ def main() -> None:
         saved = time.perf_counter()
         adapter = registry.register(path)
         registered = time.perf_counter()
-        wait_for(lambda a=adapter: warm_llm._backend_name(a) in warm_llm._loaded)  # the watcher preloads it
+        wait_for(lambda a=adapter: warm_llm._watch.backend_name(a) in warm_llm._watch.loaded)  # the watcher preloads it
         flip = time.perf_counter()
         watcher = follow_from_commit(follower, adapter.version)
         warm_llm.promote(adapter.version)

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from langchain_metaclaw._compat import require
+from langchain_metaclaw.adapters.follower import AdapterFollower
 from langchain_metaclaw.chat_model._convert import (
     convert_messages,
     forced_tool_schema,
@@ -339,9 +340,10 @@ class _Server:
         self.served_model_name = served_model_name
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
+        self.adapters = AdapterFollower.for_backend(backend)
+        """The process's adapter holds: the server's loads count beside the chat models' of this process."""
         self._paths: dict[str, str] = {}
         self._admin = threading.Lock()
-        self._tokenizer_lock = getattr(self.engine, "_tokenizer_lock", None) or threading.Lock()
 
     # -- models
 
@@ -368,9 +370,8 @@ class _Server:
 
         max_len = int(getattr(self.engine, "max_positions", 0) or 0) or None
         data = [card(self.served_model_name, self.backend.model_name, None, max_len)]
-        known = getattr(self.engine, "_adapters", {})
         for name in self.engine.adapters:
-            path = self._paths.get(name) or (str(known[name].path) if name in known else None)
+            path = self._paths.get(name) or str(self.engine.adapter_path(name) or "") or None
             data.append(card(name, path, self.served_model_name, None))
         return {"object": "list", "data": data}
 
@@ -387,7 +388,7 @@ class _Server:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load "
                                     "the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
             try:
-                self.backend.load_adapter(name, req.lora_path)
+                self.adapters.hold(name, req.lora_path)
             except AdapterError as exc:
                 raise APIError(400, str(exc), "BadRequestError") from exc
             self._paths[name] = req.lora_path
@@ -399,12 +400,9 @@ class _Server:
         if not name:
             raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
         with self._admin:
-            if name not in self.engine.adapters:
+            if name not in self._paths or name not in self.engine.adapters:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-            try:
-                self.engine.unload_adapter(name)  # waits for requests that still hold it
-            except AdapterError as exc:
-                raise APIError(400, str(exc), "BadRequestError") from exc
+            self.adapters.release(name)  # the last holder unloads it, once no request uses it
             self._paths.pop(name, None)
         logger.info("unloaded LoRA adapter %r", name)
         return f"Success: LoRA adapter '{name}' removed successfully."
@@ -491,8 +489,7 @@ class _Server:
         if as_ids:
             tokens = [f"token_id:{t}" for t in ids]
         else:
-            with self._tokenizer_lock:
-                tokens = [self.engine.tokenizer.decode([t]) for t in ids]
+            tokens = self.engine.token_texts(ids)
         return {"content": [
             {"token": tok, "logprob": max(float(lp), -9999.0), "bytes": list(tok.encode("utf-8", "replace")),
              "top_logprobs": []}

@@ -284,6 +284,17 @@ class LocalEngine:
         with self._state:
             return [name for name, entry in self._adapters.items() if not entry.unloading]
 
+    def adapter_path(self, name: str) -> Path | None:
+        """The directory adapter ``name`` was loaded from (``None``: not loaded, or being unloaded)."""
+        with self._state:
+            entry = self._adapters.get(name)
+            return None if entry is None or entry.unloading else entry.path
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id decoded on its own (under the tokenizer lock: safe from any thread)."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([t]) for t in token_ids]
+
     def load_adapter(
         self, name: str, path: str | Path, *, check_base_model: Literal["error", "warn", "ignore"] = "error"
     ) -> None:
