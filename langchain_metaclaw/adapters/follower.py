@@ -180,7 +180,8 @@ class RegistryWatch:
         """Backend names this model holds, oldest first."""
         self._lock = threading.Lock()  # guards serving and loaded (never held across a load)
         self._swap_lock = threading.Lock()  # one switch at a time (watcher, promote, rollback, refresh)
-        self._refused: dict[tuple[str, str], int | None] = {}
+        self._refused: dict[tuple[str, str], tuple[int | None, str]] = {}
+        """(version, uri) -> (weights' mtime, reason) of versions that did not load: not retried until it changes."""
         self._last_error: str | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -254,13 +255,13 @@ class RegistryWatch:
             logger.info("metaclaw: serving the base model")
             return
         key = (wanted.version, wanted.uri)
-        if key in self._refused and self._refused[key] == _stamp(wanted.uri):
-            msg = f"adapter {wanted.version} was refused before and its files have not changed"
-            raise AdapterError(msg)
+        refused = self._refused.get(key)
+        if refused is not None and refused[0] == _stamp(wanted.uri):
+            raise AdapterError(refused[1])  # the same reason: its files have not changed since
         try:
             self._publish(wanted)
-        except Exception:
-            self._refused[key] = _stamp(wanted.uri)
+        except Exception as exc:
+            self._refused[key] = (_stamp(wanted.uri), str(exc))
             raise
 
     def _preload(self) -> None:
@@ -278,7 +279,7 @@ class RegistryWatch:
         try:
             self._warm(newest)
         except Exception as exc:
-            self._refused[key] = _stamp(newest.uri)
+            self._refused[key] = (_stamp(newest.uri), str(exc))
             logger.info("metaclaw: candidate %s not preloaded: %s", newest.version, exc)
             return
         logger.info("metaclaw: candidate %s preloaded", newest.version)

@@ -243,3 +243,109 @@ def test_concurrent_promotions_leave_exactly_one_serving(store, tmp_path):
     for t in threads:
         t.join()
     assert len(store.adapters(status="serving")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- wrong shapes
+
+
+def test_cli_refuses_a_wrong_shape_adapter_with_one_line_and_marks_it_rejected(tmp_path) -> None:
+    """No model is loaded: the registry builds the base on the meta device and dry-runs the tensors."""
+    from click.testing import CliRunner
+
+    from langchain_metaclaw.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'metaclaw.db'}"
+    registry = AdapterRegistry(TraceStore(url))
+    registry.register(fake_adapter(tmp_path / "good"))
+    registry.register(tiny_lora(tmp_path / "wide", hidden_size=1024))  # trained for another model width
+    runner = CliRunner()
+    assert runner.invoke(cli, ["adapters", "promote", "v1", "--store", url]).exit_code == 0
+    refused = runner.invoke(cli, ["adapters", "promote", "v2", "--store", url])
+    assert refused.exit_code == 1
+    assert "Traceback" not in refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: Adapter 'v2'")
+    assert "does not fit base model 'SmolLM2-135M-Instruct'" in lines[0]
+    assert "(1024, 2)" in lines[0] or "(2, 1024)" in lines[0]  # says which shape is wrong
+    assert "trained on another base model" in lines[0]  # and what to look at
+    assert registry.get("v2").status == "rejected"
+    assert "does not fit base model" in registry.get("v2").notes
+    assert registry.current().version == "v1"
+    assert registry.get("v1").status == "serving"
+
+
+def test_a_rank_that_disagrees_with_the_config_is_refused_without_a_model(registry, tmp_path) -> None:
+    registry.register(edit_config(fake_adapter(tmp_path / "r2"), r=4))  # tensors are rank 2
+    with pytest.raises(AdapterError, match=r"wrong shape \(rank r=4 in the config\)"):
+        registry.promote("v1")
+    assert registry.get("v1").status == "rejected"
+    assert registry.current() is None
+
+
+@pytest.mark.model
+def test_a_model_started_after_a_refused_promotion_serves_the_previous_version(
+    serving_engine, two_adapters, tmp_path  # noqa: F811
+) -> None:
+    """The bug as a user met it: the CLI promoted a wrong-shape adapter, and every agent process started
+    afterwards failed its first request. Now the CLI refuses it and a new model serves v1 from the start."""
+    from click.testing import CliRunner
+
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+    from langchain_metaclaw.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'metaclaw.db'}"
+    registry = AdapterRegistry(TraceStore(url))
+    registry.register(two_adapters[0])
+    registry.register(tiny_lora(tmp_path / "wide", hidden_size=1024))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["adapters", "promote", "v1", "--store", url]).exit_code == 0
+    assert runner.invoke(cli, ["adapters", "promote", "v2", "--store", url]).exit_code == 1
+    assert registry.get("v2").status == "rejected"
+
+    llm = MetaClawChatModel(store=TraceStore(url), temperature=0, max_tokens=4)
+    try:
+        first = llm.invoke(ADAPTER_PROMPT)
+        second = llm.invoke(ADAPTER_PROMPT)
+    finally:
+        llm.close()
+    assert first.response_metadata["adapter_version"] == second.response_metadata["adapter_version"] == "v1"
+    assert first.content == second.content
+
+
+@pytest.mark.model
+def test_a_registry_version_that_does_not_load_never_fails_a_request_nor_loops(
+    serving_engine, two_adapters, tmp_path, monkeypatch, caplog  # noqa: F811
+) -> None:
+    """A store written before validation existed (or by hand) names a bad serving version: the follower keeps
+    serving what it has, logs once, and does not re-read the same bad file every poll."""
+    import time
+
+    from langchain_metaclaw.chat_model.backends.local import LocalServingBackend
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+
+    store = TraceStore(f"sqlite:///{tmp_path / 'metaclaw.db'}")
+    registry = AdapterRegistry(store)
+    registry.register(two_adapters[0])
+    registry.promote("v1")
+    store.add_adapter("v2", backend="local", uri=str(tiny_lora(tmp_path / "wide", hidden_size=1024)))
+    attempts: list[str] = []
+    load = LocalServingBackend.load_adapter
+
+    def counting(self, version, uri):
+        attempts.append(version)
+        return load(self, version, uri)
+
+    monkeypatch.setattr(LocalServingBackend, "load_adapter", counting)
+    llm = MetaClawChatModel(store=store, temperature=0, max_tokens=4, poll_interval=0.02,
+                            preload_candidates=False)
+    try:
+        assert llm.invoke(ADAPTER_PROMPT).response_metadata["adapter_version"] == "v1"
+        store.switch_serving_adapter("v2", retire_as="retired")  # bypasses the registry's checks
+        time.sleep(0.5)  # ~25 polls
+        assert llm.invoke(ADAPTER_PROMPT).response_metadata["adapter_version"] == "v1"
+    finally:
+        llm.close()
+    assert sum(1 for name in attempts if name.startswith("v2-")) == 1
+    errors = [r for r in caplog.records if "could not switch to the registry's adapter" in r.getMessage()]
+    assert len(errors) == 1 and "still serving v1" in errors[0].getMessage()
