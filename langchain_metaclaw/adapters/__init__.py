@@ -7,7 +7,16 @@
 Importing this package does not import torch.
 """
 
+from langchain_metaclaw.adapters.follower import AdapterFollower, RegistryWatch
 from langchain_metaclaw.adapters.registry import AdapterRegistry, Validator, check_adapter
 from langchain_metaclaw.adapters.validate import REMOTE_SCHEMES, validate_adapter_dir
 
-__all__ = ["REMOTE_SCHEMES", "AdapterRegistry", "Validator", "check_adapter", "validate_adapter_dir"]
+__all__ = [
+    "REMOTE_SCHEMES",
+    "AdapterFollower",
+    "AdapterRegistry",
+    "RegistryWatch",
+    "Validator",
+    "check_adapter",
+    "validate_adapter_dir",
+]

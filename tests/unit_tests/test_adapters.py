@@ -349,3 +349,45 @@ def test_a_registry_version_that_does_not_load_never_fails_a_request_nor_loops(
     assert sum(1 for name in attempts if name.startswith("v2-")) == 1
     errors = [r for r in caplog.records if "could not switch to the registry's adapter" in r.getMessage()]
     assert len(errors) == 1 and "still serving v1" in errors[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- holds
+
+
+class _RecordingBackend:
+    """A serving backend's adapter half that records its loads and unloads."""
+
+    name = "fake"
+
+    def __init__(self, refuse: set[str] = frozenset()) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.refuse = refuse
+
+    def load_adapter(self, version: str, uri: str) -> None:
+        if version in self.refuse:
+            raise AdapterError(f"{version} does not fit")
+        self.calls.append(("load", version))
+
+    def unload_adapter(self, version: str) -> None:
+        self.calls.append(("unload", version))
+
+
+def test_a_version_is_loaded_on_the_first_hold_and_unloaded_by_the_last_release() -> None:
+    from langchain_metaclaw.adapters import AdapterFollower
+
+    backend = _RecordingBackend(refuse={"bad"})
+    follower = AdapterFollower.for_backend(backend)
+    assert AdapterFollower.for_backend(backend) is follower  # one per process and target
+    follower.hold("v1", "/a")  # a chat model serving it
+    follower.hold("v1", "/a")  # another one
+    follower.pin("v1")  # a request of the first
+    follower.release("v1")
+    follower.release("v1")  # both models let go: the request still holds it
+    assert backend.calls == [("load", "v1")] and follower.holders("v1") == 1
+    follower.release("v1")  # the request ends
+    assert backend.calls == [("load", "v1"), ("unload", "v1")] and follower.holders("v1") == 0
+    with pytest.raises(AdapterError, match="bad does not fit"):
+        follower.hold("bad", "/b")
+    assert follower.holders("bad") == 0
+    with pytest.raises(AdapterError, match="not held"):
+        follower.pin("v2")  # a request never loads
