@@ -25,7 +25,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from langchain_metaclaw.adapters.registry import AdapterRegistry
 from langchain_metaclaw.errors import AdapterError
@@ -34,7 +34,7 @@ from langchain_metaclaw.store.records import AdapterVersion
 if TYPE_CHECKING:
     from langchain_metaclaw.store.trace_store import TraceStore
 
-__all__ = ["KEEP_LOADED", "AdapterFollower", "RegistryWatch"]
+__all__ = ["KEEP_LOADED", "AdapterFollower", "FollowSettings", "RegistryWatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,32 +148,34 @@ def _stamp(uri: str) -> int | None:
     return None
 
 
+class FollowSettings(Protocol):
+    """What a follower reads, live, from its chat model's fields."""
+
+    adapter: str | None
+    """Serve this version instead of following the registry."""
+    poll_interval: float
+    """Seconds between checks of the registry."""
+    preload_candidates: bool
+    """Keep the newest candidate loaded, so its promotion is a reference flip."""
+
+
 class RegistryWatch:
     """One chat model's view of the registry: what new requests use, what it keeps loaded, the polling thread.
 
     Args:
         backend: the model's serving backend (its holds go through :meth:`AdapterFollower.for_backend`).
         store: the trace store whose registry decides the serving version.
-        pinned: serve this version instead of following the registry.
-        poll_interval: seconds between checks of the registry.
-        preload_candidates: keep the newest candidate loaded, so its promotion is a reference flip.
+        settings: the chat model, whose fields are read at each use (held weakly: the polling thread stops
+            when the model is gone).
     """
 
-    def __init__(
-        self,
-        backend: AdapterBackend,
-        store: TraceStore,
-        *,
-        pinned: str | None = None,
-        poll_interval: float = 0.25,
-        preload_candidates: bool = True,
-    ) -> None:
+    def __init__(self, backend: AdapterBackend, store: TraceStore, settings: FollowSettings) -> None:
         self.backend = backend
         self.follower = AdapterFollower.for_backend(backend)
         self.registry = AdapterRegistry(store)
-        self.pinned = pinned
-        self.poll_interval = poll_interval
-        self.preload_candidates = preload_candidates
+        self._settings = weakref.ref(settings)
+        self.pinned: str | None = settings.adapter
+        """The version this model serves instead of following the registry (``None``: follow it)."""
         self.serving: tuple[str | None, str | None] = (None, None)
         """(version, backend name) new requests pin; replaced as a whole, never mutated."""
         self.loaded: list[str] = []
@@ -267,7 +269,8 @@ class RegistryWatch:
     def _preload(self) -> None:
         """Warm standby: hold the newest candidate so that promoting it is a flip. One that does not load is
         skipped (its promotion will be refused with the reason)."""
-        if not self.preload_candidates or not self.local:
+        settings = self._settings()
+        if settings is None or not settings.preload_candidates or not self.local:
             return
         candidates = self.registry.store.adapters(status="candidate")
         if not candidates:
@@ -305,6 +308,7 @@ class RegistryWatch:
                 self.sync()
                 self._preload()
                 self.evict()
+            self._last_error = None
         except Exception as exc:
             if str(exc) != self._last_error:
                 self._last_error = str(exc)
@@ -333,17 +337,15 @@ class RegistryWatch:
             self.evict()
         return result
 
-    def start(self, owner: Any) -> None:
-        """Poll the registry every ``poll_interval`` in a daemon thread while ``owner`` (the chat model) lives."""
+    def start(self) -> None:
+        """Poll the registry every ``poll_interval`` in a daemon thread while the chat model lives."""
         if self.pinned is not None:
             return
-        ref = weakref.ref(owner)  # the thread must not keep the model alive
-        stop, interval = self._stop, self.poll_interval
+        ref, stop = self._settings, self._stop  # the thread must not keep the model alive
 
         def watch() -> None:
-            while not stop.wait(interval):
-                if ref() is None:
-                    return
+            while (settings := ref()) is not None and not stop.wait(settings.poll_interval):
+                del settings
                 self.tick()
 
         with self._swap_lock:

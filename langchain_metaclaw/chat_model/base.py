@@ -189,14 +189,12 @@ class MetaClawChatModel(BaseChatModel):
                 if self._backend is None:
                     backend = self._build_backend()
                     if self.store is not None:
-                        self._watch = RegistryWatch(backend, self.store, pinned=self.adapter,
-                                                    poll_interval=self.poll_interval,
-                                                    preload_candidates=self.preload_candidates)
+                        self._watch = RegistryWatch(backend, self.store, self)
                         if self.adapter is not None:
                             self._watch.sync()  # a pinned version that does not load is an error
                         else:
                             self._watch.tick()  # never fails a request: logs and serves what it has
-                            self._watch.start(self)
+                            self._watch.start()
                     self._backend = backend
         return self._backend
 
