@@ -83,13 +83,13 @@ def main() -> None:
 
     # instrumentation: when did the registry commit each switch (what another process can first see)?
     committed: dict[str, float] = {}
-    switch = AdapterRegistry._switch
+    switch = TraceStore.switch_serving_adapter
 
     def timed_switch(self, version, **kwargs):
         switch(self, version, **kwargs)
         committed[version] = time.perf_counter()
 
-    AdapterRegistry._switch = timed_switch
+    TraceStore.switch_serving_adapter = timed_switch
 
     def follow_from_commit(chat_model, version: str) -> threading.Thread:
         """Record (in ``follows``) how long after the commit ``chat_model`` serves ``version``."""
@@ -143,7 +143,7 @@ def main() -> None:
         saved = time.perf_counter()
         adapter = registry.register(path)
         registered = time.perf_counter()
-        wait_for(lambda a=adapter: warm_llm._backend_name(a) in warm_llm._loaded)  # the watcher preloads it
+        wait_for(lambda a=adapter: warm_llm._watch.backend_name(a) in warm_llm._watch.loaded)  # the watcher preloads it
         flip = time.perf_counter()
         watcher = follow_from_commit(follower, adapter.version)
         warm_llm.promote(adapter.version)

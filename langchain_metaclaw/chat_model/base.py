@@ -7,15 +7,18 @@ version is loaded under its own name and validated, then published by flipping o
 request reads that reference once and stays pinned to it, so a promotion never fails, interrupts or mixes
 a request (DESIGN decision 6).
 
-Hot-swap rules, each tested in ``tests/unit_tests/chat_model/test_hotswap.py``:
+Hot-swap rules (held in :mod:`langchain_metaclaw.adapters.follower`, each tested in
+``tests/unit_tests/chat_model/test_hotswap.py``):
 
-- a request holds a reference on its version until it ends (``_pin``); old versions are unloaded only when no
-  request holds them (``_evict``), so a long request never loses its adapter, whatever is promoted meanwhile;
+- a request holds its version until it ends; a version is unloaded only when its last holder (a chat model
+  of the process, a request, the server) lets go, so a long request never loses its adapter, whatever is
+  promoted meanwhile, and one model retiring a version never unloads it from under another;
 - the local engine is shared by every chat model of the process, so local versions are loaded under a name
-  that includes a digest of their path (two stores may both have a ``v1``), and the backend counts the
-  models holding each name: one model retiring a version never unloads it from under another;
+  that includes a digest of their path (two stores may both have a ``v1``);
 - the watcher also preloads the newest registered candidate (``preload_candidates``), so a promotion made
-  anywhere (another process, the CLI) is a reference flip here: picked up within ``poll_interval``.
+  anywhere (another process, the CLI) is a reference flip here: picked up within ``poll_interval``;
+- a registry version that does not load never fails a request: it is logged once, not retried until its files
+  change, and the model keeps serving what it has.
 """
 
 from __future__ import annotations
@@ -24,16 +27,12 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import logging
-import re
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -48,6 +47,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_metaclaw.adapters import AdapterRegistry
+from langchain_metaclaw.adapters.follower import RegistryWatch
 from langchain_metaclaw.capture._core import METACLAW_METADATA_KEY
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest, ServingBackend
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
@@ -63,10 +63,6 @@ from langchain_metaclaw.store.records import AdapterVersion
 from langchain_metaclaw.store.trace_store import TraceStore
 
 logger = logging.getLogger(__name__)
-
-KEEP_LOADED = 3
-"""Adapter versions kept loaded (serving + the last ones, for instant rollback)."""
-
 
 class MetaClawChatModel(BaseChatModel):
     """Chat model that serves the store's current LoRA adapter and reports engine tokens for RL.
@@ -139,19 +135,10 @@ class MetaClawChatModel(BaseChatModel):
     promotion, here or in another process, is a reference flip instead of a ~0.5 s load."""
 
     _backend: ServingBackend | None = PrivateAttr(default=None)
-    _serving: tuple[str | None, str | None] = PrivateAttr(default=(None, None))
-    """(version, backend name) new requests pin; replaced as a whole, never mutated."""
-    _loaded: list[str] = PrivateAttr(default_factory=list)
-    """Backend names this model loaded, oldest first."""
-    _refs: dict[str, int] = PrivateAttr(default_factory=dict)
-    """Backend name -> requests of this model pinned to it."""
-    _pin_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _watch: RegistryWatch | None = PrivateAttr(default=None)
+    """Follows the store's registry and holds this model's adapter versions (``None`` without ``store``)."""
+    _setup_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _pool_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _last_error: str | None = PrivateAttr(default=None)
-    _preload_failed: set[str] = PrivateAttr(default_factory=set)
-    _watcher: threading.Thread | None = PrivateAttr(default=None)
-    _stop_watching: threading.Event = PrivateAttr(default_factory=threading.Event)
-    _swap_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -198,12 +185,17 @@ class MetaClawChatModel(BaseChatModel):
 
     def _get_backend(self) -> ServingBackend:
         if self._backend is None:
-            with self._swap_lock:
+            with self._setup_lock:
                 if self._backend is None:
-                    self._backend = self._build_backend()
-                    self._sync_adapter()
-        if self.store is not None and self.adapter is None and self._watcher is None:
-            self._start_watcher()
+                    backend = self._build_backend()
+                    if self.store is not None:
+                        self._watch = RegistryWatch(backend, self.store, self)
+                        if self.adapter is not None:
+                            self._watch.sync()  # a pinned version that does not load is an error
+                        else:
+                            self._watch.tick()  # never fails a request: logs and serves what it has
+                            self._watch.start()
+                    self._backend = backend
         return self._backend
 
     def _build_backend(self) -> ServingBackend:
@@ -227,186 +219,51 @@ class MetaClawChatModel(BaseChatModel):
     @property
     def serving_version(self) -> str | None:
         """The adapter version new requests use (``None``: the base model)."""
-        return self._serving[0]
-
-    def _backend_name(self, adapter: AdapterVersion) -> str:
-        """The name ``adapter`` is loaded under in the backend.
-
-        The local engine is shared by every chat model of the process, and two stores may both have a ``v1``
-        with different weights, so a local name carries a digest of the weights' location as well.
-        """
-        if self.backend != "local":
-            return adapter.version
-        digest = hashlib.sha1(str(Path(adapter.uri).expanduser().resolve()).encode()).hexdigest()[:10]
-        safe = re.sub(r"[^A-Za-z0-9_\-:+]", "_", adapter.version)
-        return f"{safe}-{digest}" if safe[:1].isalnum() else f"a{safe}-{digest}"
-
-    def _sync_adapter(self) -> None:
-        """Point new requests at the wanted version (pinned, or the registry's), loading it first."""
-        registry = self.registry
-        if registry is None:
-            return
-        wanted = registry.get(self.adapter) if self.adapter else registry.current()
-        if (wanted.version if wanted else None) == self._serving[0]:
-            return
-        if wanted is None:
-            with self._pin_lock:
-                self._serving = (None, None)
-            logger.info("metaclaw: serving the base model")
-            return
-        self._publish(wanted)
-
-    def _publish(self, adapter: AdapterVersion) -> None:
-        name = self._backend_name(adapter)
-        self._backend.load_adapter(name, adapter.uri)  # validates; raises before anything changes
-        with self._pin_lock:
-            self._serving = (adapter.version, name)  # one reference flip: each request reads it once
-            if name in self._loaded:
-                self._loaded.remove(name)
-            self._loaded.append(name)
-        logger.info("metaclaw: serving adapter %s", adapter.version)
-        self._evict()
-
-    def _evict(self) -> None:
-        """Unload versions beyond the last ``KEEP_LOADED`` that no request of this model is pinned to.
-
-        A version still pinned by a request stays loaded; a later call (the watcher's next tick, or the next
-        promotion) unloads it once its requests are done.
-        """
-        with self._pin_lock:
-            surplus = len(self._loaded) - KEEP_LOADED
-            serving = self._serving[1]
-            victims = [n for n in self._loaded if n != serving and not self._refs.get(n)][: max(surplus, 0)]
-            for name in victims:
-                self._loaded.remove(name)
-        for name in victims:
-            try:
-                self._backend.unload_adapter(name)
-            except Exception as exc:
-                logger.warning("metaclaw: could not unload adapter %s: %s", name, exc)
+        return self._watch.serving[0] if self._watch is not None else None
 
     @contextlib.contextmanager
     def _pin(self) -> Iterator[tuple[str | None, str | None]]:
         """``(version, backend name)`` this request uses, held (not unloaded) until the request ends.
 
-        ``_serving`` is read once: whatever is promoted meanwhile, the request keeps this version.
+        The serving version is read once: whatever is promoted meanwhile, the request keeps this version.
         """
         self._get_backend()
-        with self._pin_lock:
-            version, name = self._serving
-            if name is not None:
-                self._refs[name] = self._refs.get(name, 0) + 1
-        try:
-            yield version, name
-        finally:
-            if name is not None:
-                with self._pin_lock:
-                    left = self._refs[name] - 1
-                    if left:
-                        self._refs[name] = left
-                    else:
-                        del self._refs[name]
-
-    def _preload(self) -> None:
-        """Warm standby: load the newest candidate so that promoting it is a flip (see ``preload_candidates``).
-
-        A candidate that does not load is skipped (its promotion will be refused with the reason).
-        """
-        if not self.preload_candidates or self.backend != "local" or self.store is None:
+        if self._watch is None:
+            yield None, None
             return
-        candidates = self.store.adapters(status="candidate")
-        if not candidates:
-            return
-        newest = candidates[-1]
-        name = self._backend_name(newest)
-        if name in self._loaded or newest.version in self._preload_failed:
-            return
-        try:
-            self._backend.load_adapter(name, newest.uri)
-        except Exception as exc:
-            self._preload_failed.add(newest.version)
-            logger.info("metaclaw: candidate %s not preloaded: %s", newest.version, exc)
-            return
-        with self._pin_lock:
-            self._loaded.append(name)
-        logger.info("metaclaw: candidate %s preloaded", newest.version)
+        with self._watch.pin() as pinned:
+            yield pinned
 
-    def _tick(self) -> None:
-        """One watcher step: follow the registry, preload the newest candidate, unload what is not needed."""
-        try:
-            with self._swap_lock:
-                self._sync_adapter()
-                self._preload()
-                self._evict()
-        except Exception as exc:  # keep serving the current version
-            wanted = str(exc)
-            if wanted != self._last_error:
-                self._last_error = wanted
-                logger.error("metaclaw: could not switch to the registry's adapter (still serving %s): %s",
-                             self._serving[0] or "the base model", exc)
-
-    def _start_watcher(self) -> None:
-        ref = weakref.ref(self)  # the thread must not keep the model alive
-        stop, interval = self._stop_watching, self.poll_interval
-
-        def watch() -> None:
-            while not stop.wait(interval):
-                model = ref()
-                if model is None:
-                    return
-                model._tick()
-                del model
-
-        with self._swap_lock:
-            if self._watcher is None:
-                self._watcher = threading.Thread(target=watch, name="metaclaw-adapter-watcher", daemon=True)
-                self._watcher.start()
+    def _following(self, action: str) -> RegistryWatch:
+        if self.store is None:
+            msg = f"{action}() needs store="
+            raise ConfigurationError(msg)
+        self._get_backend()
+        return self._watch
 
     def refresh(self) -> str | None:
         """Check the registry now (the watcher does this every ``poll_interval``); returns the serving version."""
-        self._get_backend()
-        with self._swap_lock:
-            self._sync_adapter()
-            self._evict()
-        return self.serving_version
+        if self.store is None:
+            self._get_backend()
+            return None
+        return self._following("refresh").refresh()
 
     def promote(self, version: str) -> AdapterVersion:
-        """Validate ``version`` against this model's base (by loading it), then promote it in the registry.
+        """Validate ``version`` (the registry's checks, then a load against this model's base), then promote it.
 
         An adapter that does not load (not safetensors, corrupt, another rank or base model) is marked
         ``rejected`` and :class:`AdapterError` is raised; the serving version does not change.
         """
-        registry = self.registry
-        if registry is None:
-            msg = "promote() needs store="
-            raise ConfigurationError(msg)
-        backend = self._get_backend()
-
-        def load(adapter: AdapterVersion) -> None:
-            backend.load_adapter(self._backend_name(adapter), adapter.uri)
-
-        promoted = registry.promote(version, validator=load)
-        with self._swap_lock:
-            self._sync_adapter()
-            self._evict()
-        return promoted
+        return self._following("promote").promote(version)
 
     def rollback(self, to: str | None = None) -> AdapterVersion | None:
         """Roll the registry back (to the previous version by default) and switch now."""
-        registry = self.registry
-        if registry is None:
-            msg = "rollback() needs store="
-            raise ConfigurationError(msg)
-        self._get_backend()
-        result = registry.rollback(to)
-        with self._swap_lock:
-            self._sync_adapter()
-            self._evict()
-        return result
+        return self._following("rollback").rollback(to)
 
     def close(self) -> None:
-        """Stop following the registry."""
-        self._stop_watching.set()
+        """Stop following the registry and let go of the adapter versions this model holds."""
+        if self._watch is not None:
+            self._watch.close()
 
     # ------------------------------------------------------------------ tools
 

@@ -38,18 +38,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import json
 import logging
 import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_metaclaw._compat import require
+from langchain_metaclaw.adapters.validate import BaseStructure, validate_adapter
 from langchain_metaclaw.engine.decoding import Row
 from langchain_metaclaw.engine.generation import GenerationEngine
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
@@ -70,17 +70,12 @@ _PLACEHOLDER = "__metaclaw_wrap__"
 """Zero LoRA (B = 0) on every linear layer: wraps the model once and stays the (never used) active adapter."""
 
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-:@+]*$")
-_REJECTED_FILES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # The adapter names pinned by the request running in this thread / context (read by the LoRA pre-hooks).
 _PINNED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "metaclaw_pinned_adapter", default=None
 )
 
-NOT_SAFETENSORS_MSG = (
-    "Adapter {name!r} at {path} has no adapter_model.safetensors{found}; only safetensors adapters are loaded "
-    "(pickled .bin/.pt weights can run code when unpickled). Re-save it with save_pretrained(safe_serialization=True)."
-)
 UNKNOWN_ADAPTER_MSG = "No adapter named {name!r} is loaded (loaded: {loaded}); load_adapter() it first."
 
 
@@ -135,15 +130,6 @@ def _pin_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | No
         return None
     kwargs["adapter_names"] = names
     return args, kwargs
-
-
-def _normalise_model_name(name: str | None) -> str | None:
-    """``"HuggingFaceTB/SmolLM2-135M-Instruct"`` and ``"/x/SmolLM2-135M-Instruct"`` -> ``"smollm2-135m-instruct"``."""
-    if not name:
-        return None
-    tail = str(name).rstrip("/\\").replace("\\", "/").split("/")[-1]
-    tail = re.sub(r"(\.[Qq]\d\w*)?\.gguf$", "", tail)
-    return tail.lower()
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -223,6 +209,17 @@ class LocalEngine(GenerationEngine[GenerationResult]):
         with self._state:
             return [name for name, entry in self._adapters.items() if not entry.unloading]
 
+    def adapter_path(self, name: str) -> Path | None:
+        """The directory adapter ``name`` was loaded from (``None``: not loaded, or being unloaded)."""
+        with self._state:
+            entry = self._adapters.get(name)
+            return None if entry is None or entry.unloading else entry.path
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id decoded on its own (under the tokenizer lock: safe from any thread)."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([t]) for t in token_ids]
+
     def load_adapter(
         self, name: str, path: str | Path, *, check_base_model: Literal["error", "warn", "ignore"] = "error"
     ) -> None:
@@ -250,7 +247,11 @@ class LocalEngine(GenerationEngine[GenerationResult]):
                 if name in self._adapters:
                     msg = f"An adapter named {name!r} is already loaded; give each version its own name."
                     raise AdapterError(msg)
-            config, _ = self._validate_adapter(name, path, check_base_model)
+            if not _ADAPTER_NAME_RE.match(name) or name in (BASE_ADAPTER, _PLACEHOLDER):
+                msg = f"Invalid adapter name {name!r}: use letters, digits and _-:@+ (and not {BASE_ADAPTER!r})."
+                raise AdapterError(msg)
+            base = BaseStructure(self.base_model_name, self._base_modules, frozenset(self._wrapped))
+            config = validate_adapter(path, base, name=name, check_base_model=check_base_model)
             started = time.perf_counter()
             try:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
@@ -287,145 +288,6 @@ class LocalEngine(GenerationEngine[GenerationResult]):
             self._peft.delete_adapter(name)
             with self._state:
                 del self._adapters[name]
-
-    def _validate_adapter(
-        self, name: str, path: Path, check_base_model: str = "error"
-    ) -> tuple[Any, dict[str, Any]]:
-        """Every check that can be made without touching the model (peft's hotswap "dry run" idea)."""
-        peft = require("peft", backend="local", extra="local")
-        safetensors_torch = require("safetensors.torch", backend="local", extra="local")
-        if not _ADAPTER_NAME_RE.match(name) or name in (BASE_ADAPTER, _PLACEHOLDER):
-            msg = f"Invalid adapter name {name!r}: use letters, digits and _-:@+ (and not {BASE_ADAPTER!r})."
-            raise AdapterError(msg)
-        if not path.is_dir():
-            msg = f"Adapter {name!r}: {path} is not a directory (expected a peft adapter saved with save_pretrained)."
-            raise AdapterError(msg)
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            found = [f for f in _REJECTED_FILES if (path / f).exists()]
-            found_msg = f" (found {', '.join(found)})" if found else ""
-            raise AdapterError(NOT_SAFETENSORS_MSG.format(name=name, path=path, found=found_msg))
-        config_file = path / "adapter_config.json"
-        try:
-            raw_config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            msg = f"Adapter {name!r}: cannot read {config_file}: {exc}"
-            raise AdapterError(msg) from exc
-        if raw_config.get("peft_type") != "LORA":
-            msg = f"Adapter {name!r}: only LoRA adapters are served, but {path} is {raw_config.get('peft_type')!r}."
-            raise AdapterError(msg)
-        try:
-            config = peft.LoraConfig.from_pretrained(str(path))
-        except Exception as exc:
-            msg = f"Adapter {name!r}: invalid LoRA config in {config_file}: {exc}"
-            raise AdapterError(msg) from exc
-        unsupported = {
-            "use_dora": bool(getattr(config, "use_dora", False)),
-            "modules_to_save": bool(getattr(config, "modules_to_save", None)),
-            "bias": getattr(config, "bias", "none") != "none",
-            "layer_replication": bool(getattr(config, "layer_replication", None)),
-            "trainable_token_indices": bool(getattr(config, "trainable_token_indices", None)),
-            "alora_invocation_tokens": bool(getattr(config, "alora_invocation_tokens", None)),
-            "target_parameters": bool(getattr(config, "target_parameters", None)),
-        }
-        bad = sorted(key for key, used in unsupported.items() if used)
-        if bad:
-            msg = (
-                f"Adapter {name!r} uses {', '.join(bad)}, which per-request adapter pinning cannot serve "
-                "(they change shared weights or are not supported by peft's mixed-batch forward); "
-                "train a plain LoRA adapter."
-            )
-            raise AdapterError(msg)
-        trained_on = _normalise_model_name(config.base_model_name_or_path)
-        serving = _normalise_model_name(self.base_model_name)
-        if trained_on is not None and trained_on != serving and check_base_model != "ignore":
-            msg = (
-                f"Adapter {name!r} was trained on base model {config.base_model_name_or_path!r}, but this engine "
-                f"serves {self.base_model_name!r}."
-            )
-            if check_base_model == "error":
-                raise AdapterError(msg + " Pass check_base_model='warn' if they are the same model.")
-            warnings.warn(msg, stacklevel=3)
-        try:
-            state_dict = safetensors_torch.load_file(str(weights), device="cpu")
-        except Exception as exc:  # SafetensorsError, OSError, ...
-            msg = (
-                f"Adapter {name!r}: {weights} is not a valid safetensors file ({type(exc).__name__}: {exc})."
-            )
-            raise AdapterError(msg) from exc
-        self._dry_run(name, config, state_dict)
-        return config, state_dict
-
-    def _dry_run(self, name: str, config: Any, state_dict: dict[str, Any]) -> None:
-        """Expected keys and shapes from the config and this base model, compared with the file's tensors."""
-        torch = require("torch", backend="local", extra="local")
-        get_pattern_key = require("peft.utils.other", backend="local", extra="local").get_pattern_key
-        check_target = require(
-            "peft.tuners.tuners_utils", backend="local", extra="local"
-        ).check_target_module_exists
-        if config.target_modules == "all-linear":
-            targets = set(self._wrapped)
-        else:
-            # check_target_module_exists returns True, a re.Match, or a falsy value (None, False, excluded)
-            targets = {key for key in self._base_modules if key and bool(check_target(config, key))}
-        if not targets:
-            msg = f"Adapter {name!r}: its target_modules {config.target_modules!r} match no module of {self.base_model_name!r}."
-            raise AdapterError(msg)
-        not_served = sorted(targets - self._wrapped)
-        if not_served:
-            msg = (
-                f"Adapter {name!r} targets modules that are not linear projections of {self.base_model_name!r} "
-                f"(this engine serves LoRA on linear layers only): {', '.join(not_served[:5])}"
-            )
-            raise AdapterError(msg)
-        expected: dict[str, tuple[int, ...]] = {}
-        rank_keys = list((config.rank_pattern or {}).keys())
-        lora_bias = bool(getattr(config, "lora_bias", False))
-        for key in sorted(targets):
-            module = self._base_modules[key]
-            rank = (
-                config.rank_pattern.get(get_pattern_key(rank_keys, key), config.r) if rank_keys else config.r
-            )
-            prefix = f"base_model.model.{key}"
-            expected[f"{prefix}.lora_A.weight"] = (rank, module.in_features)
-            expected[f"{prefix}.lora_B.weight"] = (module.out_features, rank)
-            if lora_bias:
-                expected[f"{prefix}.lora_B.bias"] = (module.out_features,)
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong_shape = [
-            f"{key}: file {tuple(state_dict[key].shape)}, expected {expected[key]}"
-            for key in sorted(set(expected) & set(state_dict))
-            if tuple(state_dict[key].shape) != expected[key]
-        ]
-        problems = []
-        if wrong_shape:
-            problems.append(
-                f"{len(wrong_shape)} tensor(s) with the wrong shape (rank r={config.r} in the config), e.g. {wrong_shape[0]}"
-            )
-        if missing:
-            problems.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
-        not_float = [
-            key for key, t in state_dict.items() if key in expected and not torch.is_floating_point(t)
-        ]
-        if not_float:
-            problems.append(f"non-float tensor(s), e.g. {not_float[0]}")
-        non_finite = [
-            key
-            for key, t in state_dict.items()
-            if key in expected and torch.is_floating_point(t) and not torch.isfinite(t).all()
-        ]
-        if non_finite:
-            problems.append(f"NaN/inf values, e.g. in {non_finite[0]}")
-        if problems:
-            msg = (
-                f"Adapter {name!r} does not fit base model {self.base_model_name!r}: "
-                + "; ".join(problems)
-                + ". Was it trained on another base model, or is its adapter_config.json out of date?"
-            )
-            raise AdapterError(msg)
 
     @contextlib.contextmanager
     def _hold(self, adapter: str | None) -> Iterator[str]:

@@ -30,6 +30,7 @@ from sqlalchemy.pool import StaticPool
 from langchain_metaclaw.config import get_settings, metaclaw_home
 from langchain_metaclaw.errors import StoreError
 from langchain_metaclaw.store import schema, sqlite_json
+from langchain_metaclaw.store.adapters import AdapterStatements
 from langchain_metaclaw.store.base import StoreBase
 from langchain_metaclaw.store.health import HealthMixin
 from langchain_metaclaw.store.leases import LeaseQueries
@@ -123,10 +124,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class TraceStore(ScoresMixin, TrainingQueriesMixin, HealthMixin, LeaseQueries, ScheduleQueries, StoreBase):
+class TraceStore(
+    ScoresMixin, TrainingQueriesMixin, HealthMixin, LeaseQueries, ScheduleQueries, AdapterStatements, StoreBase
+):
     """Episodes, turns, scores, feedback, adapters and training runs of a learning agent.
 
-    Capture writes, episode and turn reads and adapters live here; scores, feedback and judge calls in
+    Capture writes, episode and turn reads live here; the adapter table's statements in
+    :class:`~langchain_metaclaw.store.adapters.AdapterStatements`; scores, feedback and judge calls in
     :class:`~langchain_metaclaw.store.scores.ScoresMixin`, train runs and training data in
     :class:`~langchain_metaclaw.store.training_queries.TrainingQueriesMixin`, counts and checks in
     :class:`~langchain_metaclaw.store.health.HealthMixin`, the scheduler's lease, events and job table in

@@ -8,7 +8,6 @@ model: a corrupt file, pickled weights, another rank or another base model is re
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from langchain_metaclaw.adapters import AdapterRegistry, validate_adapter_dir
 from langchain_metaclaw.errors import AdapterError
 from langchain_metaclaw.store.trace_store import TraceStore
+from tests.fixtures.adapters import tiny_lora
 from tests.fixtures.chat import (  # noqa: F401 (serving_engine is a fixture)
     ADAPTER_PROMPT,
     copy_adapter,
@@ -28,14 +28,8 @@ from tests.fixtures.chat import (  # noqa: F401 (serving_engine is a fixture)
 
 
 def fake_adapter(path: Path, *, r: int = 2) -> Path:
-    """A directory that passes the registry's file-level checks (a LoRA config and parseable safetensors)."""
-    import torch
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
-    save_file({"base_model.model.layer.lora_A.weight": torch.zeros(r, 4)}, str(path / "adapter_model.safetensors"))
-    return path
+    """A small LoRA that passes the whole validator against the embedded model (no model is loaded)."""
+    return tiny_lora(path, r=r)
 
 
 @pytest.fixture
@@ -148,7 +142,7 @@ def test_register_refuses_pickled_weights_a_broken_file_and_non_lora(registry, t
         registry.register(pickle_only(fake_adapter(tmp_path / "bin")))
     with pytest.raises(AdapterError, match="are corrupt"):
         registry.register(corrupt(fake_adapter(tmp_path / "corrupt")))
-    with pytest.raises(AdapterError, match="only LORA adapters can be served"):
+    with pytest.raises(AdapterError, match="only LoRA adapters can be served"):
         registry.register(edit_config(fake_adapter(tmp_path / "ia3"), peft_type="IA3"))
     with pytest.raises(AdapterError, match="does not exist"):
         registry.register(tmp_path / "missing")
@@ -241,25 +235,159 @@ def test_bad_adapters_are_refused_at_promotion_and_serving_is_unchanged(
 def test_concurrent_promotions_leave_exactly_one_serving(store, tmp_path):
     """Many promotions racing on one store (SQLite, and PostgreSQL under READ COMMITTED) never leave two
     versions serving."""
-    import json
-    import threading
-
-    import torch
-    from safetensors.torch import save_file
-
-    from langchain_metaclaw.adapters import AdapterRegistry
-
     registry = AdapterRegistry(store)
-    versions = []
-    for i in range(6):
-        d = tmp_path / f"a{i}"
-        d.mkdir()
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-        save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(d / "adapter_model.safetensors"))
-        versions.append(registry.register(d).version)
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}")).version for i in range(6)]
     threads = [threading.Thread(target=registry.promote, args=(v,)) for v in versions for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(store.adapters(status="serving")) == 1
+
+
+# ---------------------------------------------------------------------------------------------- wrong shapes
+
+
+def test_cli_refuses_a_wrong_shape_adapter_with_one_line_and_marks_it_rejected(tmp_path) -> None:
+    """No model is loaded: the registry builds the base on the meta device and dry-runs the tensors."""
+    from click.testing import CliRunner
+
+    from langchain_metaclaw.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'metaclaw.db'}"
+    registry = AdapterRegistry(TraceStore(url))
+    registry.register(fake_adapter(tmp_path / "good"))
+    registry.register(tiny_lora(tmp_path / "wide", hidden_size=1024))  # trained for another model width
+    runner = CliRunner()
+    assert runner.invoke(cli, ["adapters", "promote", "v1", "--store", url]).exit_code == 0
+    refused = runner.invoke(cli, ["adapters", "promote", "v2", "--store", url])
+    assert refused.exit_code == 1
+    assert "Traceback" not in refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: Adapter 'v2'")
+    assert "does not fit base model 'SmolLM2-135M-Instruct'" in lines[0]
+    assert "(1024, 2)" in lines[0] or "(2, 1024)" in lines[0]  # says which shape is wrong
+    assert "trained on another base model" in lines[0]  # and what to look at
+    assert registry.get("v2").status == "rejected"
+    assert "does not fit base model" in registry.get("v2").notes
+    assert registry.current().version == "v1"
+    assert registry.get("v1").status == "serving"
+
+
+def test_a_rank_that_disagrees_with_the_config_is_refused_without_a_model(registry, tmp_path) -> None:
+    registry.register(edit_config(fake_adapter(tmp_path / "r2"), r=4))  # tensors are rank 2
+    with pytest.raises(AdapterError, match=r"wrong shape \(rank r=4 in the config\)"):
+        registry.promote("v1")
+    assert registry.get("v1").status == "rejected"
+    assert registry.current() is None
+
+
+@pytest.mark.model
+def test_a_model_started_after_a_refused_promotion_serves_the_previous_version(
+    serving_engine, two_adapters, tmp_path  # noqa: F811
+) -> None:
+    """The bug as a user met it: the CLI promoted a wrong-shape adapter, and every agent process started
+    afterwards failed its first request. Now the CLI refuses it and a new model serves v1 from the start."""
+    from click.testing import CliRunner
+
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+    from langchain_metaclaw.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'metaclaw.db'}"
+    registry = AdapterRegistry(TraceStore(url))
+    registry.register(two_adapters[0])
+    registry.register(tiny_lora(tmp_path / "wide", hidden_size=1024))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["adapters", "promote", "v1", "--store", url]).exit_code == 0
+    assert runner.invoke(cli, ["adapters", "promote", "v2", "--store", url]).exit_code == 1
+    assert registry.get("v2").status == "rejected"
+
+    llm = MetaClawChatModel(store=TraceStore(url), temperature=0, max_tokens=4)
+    try:
+        first = llm.invoke(ADAPTER_PROMPT)
+        second = llm.invoke(ADAPTER_PROMPT)
+    finally:
+        llm.close()
+    assert first.response_metadata["adapter_version"] == second.response_metadata["adapter_version"] == "v1"
+    assert first.content == second.content
+
+
+@pytest.mark.model
+def test_a_registry_version_that_does_not_load_never_fails_a_request_nor_loops(
+    serving_engine, two_adapters, tmp_path, monkeypatch, caplog  # noqa: F811
+) -> None:
+    """A store written before validation existed (or by hand) names a bad serving version: the follower keeps
+    serving what it has, logs once, and does not re-read the same bad file every poll."""
+    import time
+
+    from langchain_metaclaw.chat_model.backends.local import LocalServingBackend
+    from langchain_metaclaw.chat_model.base import MetaClawChatModel
+
+    store = TraceStore(f"sqlite:///{tmp_path / 'metaclaw.db'}")
+    registry = AdapterRegistry(store)
+    registry.register(two_adapters[0])
+    registry.promote("v1")
+    store.add_adapter("v2", backend="local", uri=str(tiny_lora(tmp_path / "wide", hidden_size=1024)))
+    attempts: list[str] = []
+    load = LocalServingBackend.load_adapter
+
+    def counting(self, version, uri):
+        attempts.append(version)
+        return load(self, version, uri)
+
+    monkeypatch.setattr(LocalServingBackend, "load_adapter", counting)
+    llm = MetaClawChatModel(store=store, temperature=0, max_tokens=4, poll_interval=0.02,
+                            preload_candidates=False)
+    try:
+        assert llm.invoke(ADAPTER_PROMPT).response_metadata["adapter_version"] == "v1"
+        store.switch_serving_adapter("v2", retire_as="retired")  # bypasses the registry's checks
+        time.sleep(0.5)  # ~25 polls
+        assert llm.invoke(ADAPTER_PROMPT).response_metadata["adapter_version"] == "v1"
+    finally:
+        llm.close()
+    assert sum(1 for name in attempts if name.startswith("v2-")) == 1
+    errors = [r for r in caplog.records if "could not switch to the registry's adapter" in r.getMessage()]
+    assert len(errors) == 1 and "still serving v1" in errors[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- holds
+
+
+class _RecordingBackend:
+    """A serving backend's adapter half that records its loads and unloads."""
+
+    name = "fake"
+
+    def __init__(self, refuse: set[str] = frozenset()) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.refuse = refuse
+
+    def load_adapter(self, version: str, uri: str) -> None:
+        if version in self.refuse:
+            raise AdapterError(f"{version} does not fit")
+        self.calls.append(("load", version))
+
+    def unload_adapter(self, version: str) -> None:
+        self.calls.append(("unload", version))
+
+
+def test_a_version_is_loaded_on_the_first_hold_and_unloaded_by_the_last_release() -> None:
+    from langchain_metaclaw.adapters import AdapterFollower
+
+    backend = _RecordingBackend(refuse={"bad"})
+    follower = AdapterFollower.for_backend(backend)
+    assert AdapterFollower.for_backend(backend) is follower  # one per process and target
+    follower.hold("v1", "/a")  # a chat model serving it
+    follower.hold("v1", "/a")  # another one
+    follower.pin("v1")  # a request of the first
+    follower.release("v1")
+    follower.release("v1")  # both models let go: the request still holds it
+    assert backend.calls == [("load", "v1")] and follower.holders("v1") == 1
+    follower.release("v1")  # the request ends
+    assert backend.calls == [("load", "v1"), ("unload", "v1")] and follower.holders("v1") == 0
+    with pytest.raises(AdapterError, match="bad does not fit"):
+        follower.hold("bad", "/b")
+    assert follower.holders("bad") == 0
+    with pytest.raises(AdapterError, match="not held"):
+        follower.pin("v2")  # a request never loads

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from langchain_metaclaw.cli import cli
 from langchain_metaclaw.store import TraceStore
+from tests.fixtures.adapters import tiny_lora
 
 
 def test_store_path_follows_metaclaw_home(metaclaw_home):
@@ -65,17 +66,10 @@ def test_status_shows_every_stage(tmp_path):
 
 
 def test_adapters_promote_and_rollback_from_the_cli(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
     url = f"sqlite:///{tmp_path / 'a.db'}"
     store = TraceStore(url)
     for name in ("one", "two"):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
-        save_file({"base_model.model.x.lora_A.weight": torch.zeros(4, 4)}, str(d / "adapter_model.safetensors"))
-        store.add_adapter(name, backend="local", uri=str(d))
+        store.add_adapter(name, backend="local", uri=str(tiny_lora(tmp_path / name, r=4)))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_model.bin").write_bytes(b"pickle")

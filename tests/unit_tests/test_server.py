@@ -378,8 +378,8 @@ def test_non_loopback_bind_needs_a_key(monkeypatch: pytest.MonkeyPatch, served: 
     # with a key (argument or METACLAW_API_KEY) the server is built, and then enforces it
     built = make_server("0.0.0.0", 1, api_key="k", backend=served.backend)
     assert built.config.host == "0.0.0.0"
-    assert any(m.cls.__name__ == "_BearerAuth" for m in built.config.app.user_middleware)
+    assert any(m.cls.__name__ == "BearerAuth" for m in built.config.app.user_middleware)
     monkeypatch.setenv("METACLAW_API_KEY", "from-env")
     built = make_server("0.0.0.0", 1, backend=served.backend)
-    assert any(m.cls.__name__ == "_BearerAuth" for m in built.config.app.user_middleware)
+    assert any(m.cls.__name__ == "BearerAuth" for m in built.config.app.user_middleware)
     assert "from-env" not in repr(built.config.app.user_middleware)

@@ -1,14 +1,15 @@
 """The ``local`` serving backend: :class:`LocalEngine` (transformers + peft, CPU or GPU) in this process.
 
 Engines are shared per base model within a process, so several chat models (and the demo's evaluator)
-serve from one copy of the weights; each adapter version is loaded once under its own name, and stays loaded
-while any backend of the process holds it.
+serve from one copy of the weights; each adapter version is loaded once under its own name. Who holds a
+loaded version, and when it is unloaded, is counted in one place: the process's
+:class:`~langchain_metaclaw.adapters.follower.AdapterFollower` for the engine, which calls this backend's
+``load_adapter`` / ``unload_adapter``.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,6 @@ from langchain_metaclaw.errors import AdapterError
 
 _ENGINES: dict[str | None, Any] = {}
 _ENGINES_LOCK = threading.Lock()
-
-_SHARES: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
-"""Per shared engine: adapter name -> how many backends hold it (the last one to let go unloads it)."""
-_SHARES_LOCK = threading.Lock()
 
 
 def shared_engine(base_model: str | None = None):
@@ -36,19 +33,16 @@ def shared_engine(base_model: str | None = None):
 
 
 class LocalServingBackend:
-    """Serves from the process-wide engine; several backends (chat models) may share its adapters.
+    """Serves from the process-wide engine; several backends (chat models, the server) share its adapters.
 
-    An adapter name loaded by several backends stays loaded until the last of them unloads it, so one chat
-    model retiring a version never pulls it from under another that still serves it. A name is bound to one
-    directory: loading the same name from another path is refused.
+    ``load_adapter`` is idempotent for a name already loaded from the same directory (a name is bound to one
+    directory: another path is refused); holders are counted by the process's ``AdapterFollower``.
     """
 
     name = "local"
 
     def __init__(self, base_model: str | None = None) -> None:
         self.engine = shared_engine(base_model)
-        self._lock = threading.Lock()
-        self._held: set[str] = set()
 
     @property
     def model_name(self) -> str:
@@ -88,42 +82,16 @@ class LocalServingBackend:
 
     def load_adapter(self, version: str, uri: str) -> None:
         """Load ``uri`` as ``version`` (validated; ``AdapterError`` and nothing changes when refused)."""
-        with self._lock:
-            with _SHARES_LOCK:
-                shares = _SHARES.setdefault(self.engine, {})
-                if version in self._held:
-                    if version in self.engine.adapters:
-                        return
-                    # unloaded behind our back (the server's unload endpoint talks to the engine directly)
-                    self._held.discard(version)
-                    shares.pop(version, None)
-                if version in self.engine.adapters:
-                    loaded = getattr(self.engine, "_adapters", {}).get(version)
-                    path = getattr(loaded, "path", None)
-                    if path is not None and Path(path).resolve() != Path(uri).resolve():
-                        msg = (f"adapter name {version!r} is already loaded from {path}, not {uri}; "
-                               "give each adapter its own name")
-                        raise AdapterError(msg)
-                    # loaded by someone outside the share count (a test, the server): never unloaded by us
-                    shares.setdefault(version, 1)
-                else:
-                    self.engine.load_adapter(version, uri)
-                    shares[version] = 0
-                shares[version] += 1
-            self._held.add(version)
+        loaded_from = self.engine.adapter_path(version)
+        if loaded_from is not None:
+            if Path(loaded_from).resolve() != Path(uri).resolve():
+                msg = (f"adapter name {version!r} is already loaded from {loaded_from}, not {uri}; "
+                       "give each adapter its own name")
+                raise AdapterError(msg)
+            return
+        self.engine.load_adapter(version, uri)
 
     def unload_adapter(self, version: str) -> None:
-        """Let go of ``version``; the engine unloads it (after its in-flight requests) when no backend holds it."""
-        with self._lock:
-            if version not in self._held:
-                return
-            self._held.discard(version)
-            with _SHARES_LOCK:
-                shares = _SHARES.setdefault(self.engine, {})
-                left = shares.get(version, 1) - 1
-                if left > 0:
-                    shares[version] = left
-                    return
-                shares.pop(version, None)
-                if version in self.engine.adapters:  # under the lock: no backend can take it meanwhile
-                    self.engine.unload_adapter(version)  # waits for requests still pinned to it
+        """Unload ``version`` once no request uses it (nothing when it is not loaded)."""
+        if self.engine.adapter_path(version) is not None:
+            self.engine.unload_adapter(version)  # waits for requests still pinned to it

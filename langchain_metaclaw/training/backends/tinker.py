@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 _MAX_ARCHIVE_BYTES = 20 * 1024**3
 _ALLOWED_ARCHIVE_SUFFIXES = (".json", ".safetensors", ".md", ".txt")
 _ALLOWED_ARCHIVE_NAMES = {"checkpoint_complete"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def _tensor(types: Any, values: Sequence[float] | Sequence[int], dtype: str) -> Any:
@@ -460,7 +459,12 @@ def _download(url: str, dest: Path) -> None:
 
 
 def _extract_adapter_archive(archive: Path, dest: Path) -> None:
-    """Extract a checkpoint tar into ``dest`` after checking it holds only a safetensors PEFT adapter."""
+    """Extract a checkpoint tar into ``dest`` after checking it holds only a safetensors PEFT adapter.
+
+    Pickle-format weights are refused by the adapter validator's one list (``is_pickle_file``); the extracted
+    directory then goes through the full validator when it is registered and promoted.
+    """
+    from langchain_metaclaw.adapters.validate import is_pickle_file
     from langchain_metaclaw.training.backends.local import _atomic_dir
 
     try:
@@ -475,7 +479,7 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
             if not member.isfile():
                 msg = f"Checkpoint archive member {member.name!r} is not a regular file; refusing"
                 raise AdapterError(msg)
-            if name.lower().endswith(_PICKLE_SUFFIXES):
+            if is_pickle_file(name):
                 msg = f"Checkpoint archive holds {member.name!r}, a pickle-format weight file; only safetensors load"
                 raise AdapterError(msg)
             if not (name in _ALLOWED_ARCHIVE_NAMES or name.lower().endswith(_ALLOWED_ARCHIVE_SUFFIXES)):

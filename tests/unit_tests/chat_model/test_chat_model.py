@@ -127,7 +127,7 @@ def test_sampled_logprobs_equal_a_recompute_and_a_seed_reproduces(llm, engine) -
 def test_adapter_answer_reports_its_version_and_recomputes_under_it(adapted, llm, engine) -> None:
     message = adapted.invoke(ADAPTER_PROMPT)
     assert message.response_metadata["adapter_version"] == _meta(message)["adapter_version"] == "v1"
-    name = adapted._serving[1]
+    name = adapted._watch.serving[1]
     _assert_close(_meta(message)["logprobs"], _recompute(engine, message, adapter=name))
     base = llm.invoke(ADAPTER_PROMPT)
     assert _meta(base)["completion_token_ids"] != _meta(message)["completion_token_ids"]  # the adapter matters
@@ -258,14 +258,16 @@ def test_timeout_raises_and_stops_decoding(adapted) -> None:
     slow = MetaClawChatModel(store=adapted.store, temperature=0, max_tokens=200, timeout=0.05)
     slow.refresh()  # serving v1 (already in the engine: no load inside the timed call)
     assert slow.serving_version == "v1"
+    held = slow._watch.follower.holders(slow._watch.serving[1])  # the two models' own holds, no request
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="no answer within timeout=0.05s"):
         slow.invoke(FRANCE)
     assert time.monotonic() - started < 2.0
+    name = slow._watch.serving[1]
     deadline = time.monotonic() + 3.0  # decoding stops at the next token: the pin is released soon after
-    while slow._refs and time.monotonic() < deadline:
+    while slow._watch.follower.holders(name) > held and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert slow._refs == {}
+    assert slow._watch.follower.holders(name) == held
     with pytest.raises(TimeoutError):
         list(slow.stream(FRANCE))
     slow.close()

@@ -69,7 +69,7 @@ def setup(serving_engine, two_adapters, tmp_path):  # noqa: F811
     for version in ("v1", "v2"):
         pinned = MetaClawChatModel(store=store, adapter=version, temperature=0, max_tokens=MAX_TOKENS)
         reference[version] = Answer.of(pinned.invoke(ADAPTER_PROMPT))
-        pinned._backend.unload_adapter(pinned._serving[1])  # let go: the model under test holds its own
+        pinned.close()  # let go: the model under test holds its own
     # sanity check: the three versions answer differently, so a mixed or mislabelled answer cannot pass
     assert len({a.token_ids for a in reference.values()}) == 3, reference
     llm = MetaClawChatModel(store=store, temperature=0, max_tokens=MAX_TOKENS)
@@ -156,7 +156,7 @@ def test_threads_see_no_failed_or_mixed_request_while_versions_swap(setup) -> No
 async def test_asyncio_tasks_see_no_failed_or_mixed_request_while_versions_swap(setup, monkeypatch) -> None:
     # keep only the serving version loaded: every swap unloads the previous one from the engine, so requests
     # still pinned to it must keep it loaded until they finish
-    monkeypatch.setattr("langchain_metaclaw.chat_model.base.KEEP_LOADED", 1)
+    monkeypatch.setattr("langchain_metaclaw.adapters.follower.KEEP_LOADED", 1)
     setup.llm.preload_candidates = False
     async def one(index: int) -> Answer:
         await asyncio.sleep(0.1 * index)  # spread the requests over the swaps
@@ -183,10 +183,11 @@ def test_old_versions_are_unloaded_only_when_no_request_holds_them(setup) -> Non
     for _ in range(3):  # more versions than KEEP_LOADED go through the model
         llm.promote("v2")
         llm.rollback()
-    assert len(llm._loaded) <= 3
-    assert llm._refs == {}
+    watch = llm._watch
+    assert len(watch.loaded) <= 3
+    assert all(watch.follower.holders(name) == 1 for name in watch.loaded)  # no request holds any of them
     engine_names = set(llm._backend.engine.adapters)
-    assert set(llm._loaded) <= engine_names
+    assert set(watch.loaded) <= engine_names
 
 
 def _wait_for(predicate, timeout: float) -> float:
@@ -251,7 +252,7 @@ CHILD = textwrap.dedent(
     # ready once the newest candidate is preloaded (warm standby), as a long-running server would be
     candidate = AdapterRegistry(store).get("v2")
     deadline = time.time() + 60
-    while llm._backend_name(candidate) not in llm._loaded and time.time() < deadline:
+    while llm._watch.backend_name(candidate) not in llm._watch.loaded and time.time() < deadline:
         time.sleep(0.02)
     report(ready=True, version=first.response_metadata["adapter_version"],
            ids=first.response_metadata["metaclaw"]["completion_token_ids"])
