@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from langchain_metaclaw.chat_model.local_engine import LocalEngine
+    from langchain_metaclaw.engine.local import LocalEngine
     from langchain_metaclaw.tasks import ToolCallFormatTask
 
     engine = LocalEngine()

@@ -134,9 +134,10 @@ def _open(home: Path | None, console: Any, prompts: int | None) -> _Demo:
     from langchain.agents import create_agent
     from rich.console import Console
 
-    from langchain_metaclaw import MetaClawCallbackHandler, TraceStore
+    from langchain_metaclaw.capture import MetaClawCallbackHandler
     from langchain_metaclaw.chat_model import MetaClawChatModel
     from langchain_metaclaw.config import metaclaw_home
+    from langchain_metaclaw.store import TraceStore
 
     console = console or Console()
     home = home or metaclaw_home() / "demo"

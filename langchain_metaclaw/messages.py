@@ -26,6 +26,12 @@ from langchain_core.messages import (
 from langchain_core.messages.tool import InvalidToolCall, ToolCall, invalid_tool_call
 from langchain_core.messages.tool import tool_call as make_tool_call
 
+METACLAW_METADATA_KEY = "metaclaw"
+"""``AIMessage.response_metadata[METACLAW_METADATA_KEY]``: engine token ids, logprobs, adapter version.
+
+Written by :class:`~langchain_metaclaw.chat_model.MetaClawChatModel`, read by capture: part of what a
+message carries, so it lives with the rest of the message layout."""
+
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 TOOLS_SYSTEM_TEMPLATE = (

@@ -19,10 +19,10 @@ from uuid import UUID
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
+from langchain_metaclaw.messages import METACLAW_METADATA_KEY
+
 Record = dict[str, Any]
 
-METACLAW_METADATA_KEY = "metaclaw"
-"""``AIMessage.response_metadata[METACLAW_METADATA_KEY]``: engine token ids, logprobs, adapter version."""
 
 _ENGINE_FIELDS = ("prompt_token_ids", "completion_token_ids", "logprobs")
 

@@ -48,10 +48,10 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_metaclaw.adapters import AdapterRegistry
 from langchain_metaclaw.adapters.follower import RegistryWatch
-from langchain_metaclaw.capture._core import METACLAW_METADATA_KEY
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest, ServingBackend
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
 from langchain_metaclaw.messages import (
+    METACLAW_METADATA_KEY,
     convert_messages,
     create_usage_metadata,
     forced_tool_schema,

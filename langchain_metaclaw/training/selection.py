@@ -16,7 +16,7 @@ from langchain_metaclaw.training.data import Sample, collect_samples, drop_stale
 from langchain_metaclaw.training.sampler import ChatPrompt
 
 if TYPE_CHECKING:
-    from langchain_metaclaw.training.trainer import TrainerConfig
+    from langchain_metaclaw.training.config import TrainerConfig
 
 __all__ = ["Plan", "chat_of", "select"]
 

@@ -9,27 +9,13 @@ loaded version, and when it is unloaded, is counted in one place: the process's
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
+from langchain_metaclaw.engine.local import shared_engine
 from langchain_metaclaw.errors import AdapterError
-
-_ENGINES: dict[str | None, Any] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def shared_engine(base_model: str | None = None):
-    """The process-wide :class:`LocalEngine` for ``base_model`` (``None``: the embedded SmolLM2)."""
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(base_model)
-        if engine is None:
-            from langchain_metaclaw.chat_model.local_engine import LocalEngine
-
-            engine = _ENGINES[base_model] = LocalEngine(base_model)
-        return engine
 
 
 class LocalServingBackend:

@@ -392,7 +392,7 @@ class LocalTrainingBackend:
     def engine(self) -> Any:
         """The :class:`LocalEngine` samplers use (the process's shared one unless given)."""
         if self._engine is None:
-            from langchain_metaclaw.chat_model.backends.local import shared_engine
+            from langchain_metaclaw.engine.local import shared_engine
 
             self._engine = shared_engine(self._engine_model)
         return self._engine

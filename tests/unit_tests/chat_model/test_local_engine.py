@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from langchain_metaclaw.chat_model.local_engine import BASE_ADAPTER, GenerationResult, LocalEngine
+from langchain_metaclaw.engine.local import BASE_ADAPTER, GenerationResult, LocalEngine
 from langchain_metaclaw.engine.sampling import SamplingParams, behaviour_logprobs
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
 from tests.fixtures.model import ADAPTER_PROMPT

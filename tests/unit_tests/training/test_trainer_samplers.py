@@ -65,14 +65,13 @@ def _captured(store: TraceStore) -> None:
 @pytest.fixture
 def no_local_engine(monkeypatch):
     """Any use of the local engine fails the test."""
-    from langchain_metaclaw.chat_model import local_engine
-    from langchain_metaclaw.chat_model.backends import local
+    from langchain_metaclaw.engine import local
 
     def refuse(*args, **kwargs):
         raise AssertionError("the local engine was used")
 
-    monkeypatch.setattr(local_engine.LocalEngine, "load_adapter", refuse)
-    monkeypatch.setattr(local_engine.LocalEngine, "__init__", refuse)
+    monkeypatch.setattr(local.LocalEngine, "load_adapter", refuse)
+    monkeypatch.setattr(local.LocalEngine, "__init__", refuse)
     monkeypatch.setattr(local, "shared_engine", refuse)
 
 

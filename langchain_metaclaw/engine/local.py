@@ -348,3 +348,20 @@ class LocalEngine(GenerationEngine[GenerationResult]):
             stop_sequence=row.stop_hit,
             timings={"prompt_s": row.prompt_s, "decode_s": row.decode_s, "batch_rows": float(row.batch_rows)},
         )
+
+
+_ENGINES: dict[str | None, LocalEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def shared_engine(base_model: str | None = None) -> LocalEngine:
+    """The process-wide :class:`LocalEngine` for ``base_model`` (``None``: the embedded SmolLM2).
+
+    Chat models, the server and the local trainer's sampler of one process share it, so the weights are in
+    memory once; which adapter versions it holds is counted by the process's adapter follower.
+    """
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(base_model)
+        if engine is None:
+            engine = _ENGINES[base_model] = LocalEngine(base_model)
+        return engine
