@@ -133,9 +133,11 @@ class _Batch:
         rows = self.rows
         if len({tuple(r.prompt) for r in rows}) == 1:  # one prompt (or copies of one): prefill once, no padding
             logits, self.cache = self.forward(torch.tensor([rows[0].prompt], dtype=torch.long))
-            if len(rows) > 1:
-                self.cache.batch_repeat_interleave(len(rows))
-            return logits[:, -1].float().repeat(len(rows), 1)
+            logits = logits[:, -1].float()
+            if len(rows) == 1:
+                return logits
+            self.cache.batch_repeat_interleave(len(rows))
+            return logits.repeat(len(rows), 1)  # a copy per row: grammar masks write into their row
         width = max(len(r.prompt) for r in rows)
         pad = self.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], dtype=torch.long)
