@@ -19,6 +19,7 @@ from langchain_metaclaw import TraceStore
 from langchain_metaclaw.adapters import AdapterRegistry
 from langchain_metaclaw.training.backends.tinker import TinkerTrainingBackend
 from langchain_metaclaw.training.trainer import Trainer, TrainerConfig
+from tests.unit_tests.training.conftest import build_tiny_llama
 from tests.unit_tests.training.test_tinker_backend import make_sdk
 
 BASE = "Qwen/Qwen3-4B-Instruct-2507"
@@ -148,8 +149,14 @@ def test_a_local_run_samples_from_each_step_through_the_engine(tmp_path, make_ba
     store = TraceStore(f"sqlite:///{tmp_path / 't.db'}")
     _captured(store)
     engine = FakeEngine()
-    backend = make_backend(engine=engine)
-    cfg = TrainerConfig(group_size=2, group_prompts=2, max_steps=2, eval_prompts=2, low_priority=False)
+    # the candidate is validated against its base before it serves: give the tiny model a config to read
+    model = build_tiny_llama()
+    base_dir = tmp_path / "tiny-llama"
+    model.config.save_pretrained(base_dir)
+    model.config._name_or_path = str(base_dir)
+    backend = make_backend(engine=engine, model=model)
+    cfg = TrainerConfig(group_size=2, group_prompts=2, max_steps=2, eval_prompts=2, low_priority=False,
+                        base_model=str(base_dir))
 
     run = Trainer(store, cfg, reward_fn=says_done, backend=backend).run()
 
