@@ -416,7 +416,7 @@ class Trainer:
         if before is None or after is None:
             return {"reason": "candidate kept: no held-out prompts scored", "metrics": result}
         if after >= before - self.config.promotion_margin:
-            self.registry.promote(candidate.version, validator=lambda a: None)
+            self.registry.promote(candidate.version)  # the one validator runs here too
             return {"reason": f"promoted: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
         self.store.update_adapter(candidate.version, status="rejected")
         return {"reason": f"rejected: held-out reward {before:.3f} -> {after:.3f}", "metrics": result}
