@@ -36,15 +36,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = [
-    "EMBEDDED_MODEL_ID",
-    "EmbeddedModelUnavailableError",
-    "copy_sharing_weights",
-    "embedded_cache_path",
-    "embedded_gguf_path",
-    "load_base_model",
-]
-
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"

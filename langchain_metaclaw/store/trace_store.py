@@ -124,6 +124,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _where_given(stmt: Any, limit: int | None, *filters: tuple[Any, Any]) -> Any:
+    """``stmt`` narrowed by each ``(clause, value)`` whose value was given (not ``None``), then limited."""
+    for clause, value in filters:
+        if value is not None:
+            stmt = stmt.where(clause)
+    return stmt if limit is None else stmt.limit(limit)
+
+
 class TraceStore(
     ScoresMixin, TrainingQueriesMixin, HealthMixin, LeaseQueries, ScheduleQueries, AdapterStatements, StoreBase
 ):
@@ -283,15 +291,9 @@ class TraceStore(
     ) -> list[Episode]:
         """Episodes, oldest first."""
         t = schema.episodes
-        stmt = select(t).order_by(t.c.started_at, t.c.id)
-        if thread_id is not None:
-            stmt = stmt.where(t.c.thread_id == thread_id)
-        if status is not None:
-            stmt = stmt.where(t.c.status == status)
-        if since is not None:
-            stmt = stmt.where(t.c.started_at >= since)
-        if limit is not None:
-            stmt = stmt.limit(limit)
+        stmt = _where_given(select(t).order_by(t.c.started_at, t.c.id), limit,
+                            (t.c.thread_id == thread_id, thread_id), (t.c.status == status, status),
+                            (t.c.started_at >= since, since))
         return self._select(Episode, stmt)
 
     def episode(self, episode_id: str) -> Episode | None:
@@ -310,21 +312,12 @@ class TraceStore(
     ) -> list[Turn]:
         """Turns in the order they started (ties broken by completion order)."""
         t = schema.turns
-        stmt = select(t).order_by(t.c.started_at, t.c.seq, t.c.id)
-        if episode_id is not None:
-            stmt = stmt.where(t.c.episode_id == episode_id)
-        if kind is not None:
-            stmt = stmt.where(t.c.kind == kind)
-        if since is not None:
-            stmt = stmt.where(t.c.created_at >= since)
-        if ids is not None:
-            stmt = stmt.where(t.c.id.in_([str(i) for i in ids]))
-        if node is not None:
-            stmt = stmt.where(t.c.node == node)
-        if root_run_id is not None:
-            stmt = stmt.where(t.c.root_run_id == str(root_run_id))
-        if limit is not None:
-            stmt = stmt.limit(limit)
+        stmt = _where_given(
+            select(t).order_by(t.c.started_at, t.c.seq, t.c.id), limit,
+            (t.c.episode_id == episode_id, episode_id), (t.c.kind == kind, kind), (t.c.created_at >= since, since),
+            (t.c.id.in_([str(i) for i in ids or ()]), ids), (t.c.node == node, node),
+            (t.c.root_run_id == str(root_run_id), root_run_id),
+        )
         return self._select(Turn, stmt)
 
     def turn(self, run_id: str | uuid.UUID) -> Turn | None:

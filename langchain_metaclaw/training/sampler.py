@@ -37,15 +37,8 @@ class Sampler(Protocol):
     version: str | None
     """The adapter version (or step checkpoint name) sampled from; ``None``: the base model."""
 
-    def sample(
-        self,
-        prompts: Sequence[ChatPrompt],
-        n: int,
-        *,
-        max_tokens: int,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[SampledCompletion]]:
+    def sample(self, prompts: Sequence[ChatPrompt], n: int, *, max_tokens: int, temperature: float = 1.0,
+               seed: int | None = None) -> list[list[SampledCompletion]]:
         """``n`` completions of each prompt (one group per prompt, in order).
 
         ``seed`` seeds the call: the same seed and weights give the same groups where the backend is

@@ -69,12 +69,8 @@ class TrainingBackend(Protocol):
     base_model: str
     """Name of the base model the adapter is trained on."""
 
-    def forward_backward(
-        self,
-        data: Sequence[Datum],
-        loss_fn: LossFnName,
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
+    def forward_backward(self, data: Sequence[Datum], loss_fn: LossFnName,
+                         loss_fn_config: Mapping[str, float] | None = None) -> ForwardBackwardOutput:
         """Compute the loss (a sum over tokens) and accumulate its gradients.
 
         Returns the trainer's per-datum logprobs of the target tokens (as they were before this call's

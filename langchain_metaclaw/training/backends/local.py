@@ -213,12 +213,8 @@ class LocalTrainingBackend:
             raise ConfigurationError(msg)
         return self._tokenizer
 
-    def forward_backward(
-        self,
-        data: Sequence[Datum],
-        loss_fn: LossFnName,
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
+    def forward_backward(self, data: Sequence[Datum], loss_fn: LossFnName,
+                         loss_fn_config: Mapping[str, float] | None = None) -> ForwardBackwardOutput:
         require("torch", backend="local", extra="local")
         data = list(data)
         config = dict(loss_fn_config or {})

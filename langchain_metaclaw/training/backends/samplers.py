@@ -41,15 +41,8 @@ class LocalSampler:
         self.version = version
         self._owned = owned and version is not None
 
-    def sample(
-        self,
-        prompts: Sequence[ChatPrompt],
-        n: int,
-        *,
-        max_tokens: int,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[SampledCompletion]]:
+    def sample(self, prompts: Sequence[ChatPrompt], n: int, *, max_tokens: int, temperature: float = 1.0,
+               seed: int | None = None) -> list[list[SampledCompletion]]:
         groups = []
         for i, prompt in enumerate(prompts):
             # one batched decode per group: the prompt is prefilled once, the n rows decode together
@@ -105,15 +98,8 @@ class TinkerSampler:
         self._get_tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
 
-    def sample(
-        self,
-        prompts: Sequence[ChatPrompt],
-        n: int,
-        *,
-        max_tokens: int,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[SampledCompletion]]:
+    def sample(self, prompts: Sequence[ChatPrompt], n: int, *, max_tokens: int, temperature: float = 1.0,
+               seed: int | None = None) -> list[list[SampledCompletion]]:
         tokenizer = self._get_tokenizer()
         with self._tokenizer_lock:
             encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]

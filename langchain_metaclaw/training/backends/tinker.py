@@ -200,12 +200,8 @@ class TinkerTrainingBackend:
 
     # --- protocol ----------------------------------------------------------------------------------------
 
-    def forward_backward(
-        self,
-        data: Sequence[Datum],
-        loss_fn: LossFnName,
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
+    def forward_backward(self, data: Sequence[Datum], loss_fn: LossFnName,
+                         loss_fn_config: Mapping[str, float] | None = None) -> ForwardBackwardOutput:
         self._check_open()
         data = list(data)
         config = dict(loss_fn_config or {})
