@@ -15,9 +15,10 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from operator import eq, ge
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _where_given(stmt: Any, limit: int | None, *filters: tuple[Any, Any]) -> Any:
-    """``stmt`` narrowed by each ``(clause, value)`` whose value was given (not ``None``), then limited."""
-    for clause, value in filters:
+def _in(column: Any, values: list[str]) -> Any:
+    return column.in_(values)
+
+
+def _where_given(stmt: Any, limit: int | None, *filters: tuple[Any, Callable[[Any, Any], Any], Any]) -> Any:
+    """``stmt`` narrowed by ``op(column, value)`` for each filter whose value was given (not ``None``), then limited."""
+    for column, op, value in filters:
         if value is not None:
-            stmt = stmt.where(clause)
+            stmt = stmt.where(op(column, value))
     return stmt if limit is None else stmt.limit(limit)
 
 
@@ -292,8 +297,7 @@ class TraceStore(
         """Episodes, oldest first."""
         t = schema.episodes
         stmt = _where_given(select(t).order_by(t.c.started_at, t.c.id), limit,
-                            (t.c.thread_id == thread_id, thread_id), (t.c.status == status, status),
-                            (t.c.started_at >= since, since))
+                            (t.c.thread_id, eq, thread_id), (t.c.status, eq, status), (t.c.started_at, ge, since))
         return self._select(Episode, stmt)
 
     def episode(self, episode_id: str) -> Episode | None:
@@ -314,9 +318,9 @@ class TraceStore(
         t = schema.turns
         stmt = _where_given(
             select(t).order_by(t.c.started_at, t.c.seq, t.c.id), limit,
-            (t.c.episode_id == episode_id, episode_id), (t.c.kind == kind, kind), (t.c.created_at >= since, since),
-            (t.c.id.in_([str(i) for i in ids or ()]), ids), (t.c.node == node, node),
-            (t.c.root_run_id == str(root_run_id), root_run_id),
+            (t.c.episode_id, eq, episode_id), (t.c.kind, eq, kind), (t.c.created_at, ge, since),
+            (t.c.id, _in, None if ids is None else [str(i) for i in ids]), (t.c.node, eq, node),
+            (t.c.root_run_id, eq, None if root_run_id is None else str(root_run_id)),
         )
         return self._select(Turn, stmt)
 
