@@ -27,11 +27,6 @@ from langchain_metaclaw.store.schema import leases
 __all__ = ["EngineLeases", "LeaseInfo", "LeaseQueries"]
 
 
-def _aware(when: datetime) -> datetime:
-    # LOCAL until the store's UTCDateTime TypeDecorator lands: SQLite hands back naive UTC wall times.
-    return when.astimezone(UTC) if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
 @dataclass(frozen=True)
 class LeaseInfo:
     """A lease row as read from the store."""
@@ -90,7 +85,7 @@ class LeaseQueries:
             row = conn.execute(select(t.c.name, t.c.holder, t.c.expires_at).where(t.c.name == name)).first()
         if row is None:
             return None
-        return LeaseInfo(name=row.name, holder=row.holder, expires_at=_aware(row.expires_at))
+        return LeaseInfo(name=row.name, holder=row.holder, expires_at=row.expires_at)
 
 
 class EngineLeases(LeaseQueries):

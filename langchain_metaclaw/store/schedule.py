@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, insert, select
 from sqlalchemy import inspect as sa_inspect
 
-from langchain_metaclaw.store.leases import _aware  # LOCAL until UTCDateTime returns aware UTC
 from langchain_metaclaw.store.schema import schedule_events
 
 __all__ = ["ScheduleEvent", "ScheduleQueries"]
@@ -86,7 +85,7 @@ class ScheduleQueries:
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
         return [
-            ScheduleEvent(id=int(r.id), at=_aware(r.at), event=r.event, reasons=list(r.reasons or []),
+            ScheduleEvent(id=int(r.id), at=r.at, event=r.event, reasons=list(r.reasons or []),
                           details=dict(r.details or {}))
             for r in rows
         ]
