@@ -70,11 +70,35 @@ def _ago(when: datetime | None) -> str:
 
 
 def render_status(report: StatusReport, console: Any = None) -> None:
-    """Print ``report`` as rich tables."""
+    """Print ``report`` as rich tables: traces and scores, adapters, training runs, then the scheduler."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
+    for table in (_overview(report), _adapters(report), _runs(report)):
+        console.print(table)
+    if report.schedule_events:
+        table = _table("Scheduler decisions", "when", "event", "why")
+        for e in report.schedule_events:
+            table.add_row(_ago(e["at"]), e["event"], "; ".join(e.get("reasons") or []))
+        console.print(table)
+    if report.scheduler is not None:
+        console.print(_scheduler_line(report.scheduler))
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+
+
+def _table(title: str, *columns: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def _overview(report: StatusReport) -> Any:
+    from rich.table import Table
+
     overview = Table(title="Traces and scores", show_header=True)
     overview.add_column("what")
     overview.add_column("count", justify="right")
@@ -92,47 +116,36 @@ def render_status(report: StatusReport, console: Any = None) -> None:
     judge = ", ".join(f"{k} {v}" for k, v in sorted(failures.items())) or "no failures"
     latency = f", mean {report.judge_latency_ms:.0f} ms" if report.judge_latency_ms is not None else ""
     overview.add_row("judge votes", str(total_votes), judge + latency if total_votes else "")
-    console.print(overview)
+    return overview
 
-    adapters = Table(title="Adapters")
-    for col in ("version", "status", "backend", "parent", "created", "promoted", "notes"):
-        adapters.add_column(col)
+
+def _adapters(report: StatusReport) -> Any:
+    adapters = _table("Adapters", "version", "status", "backend", "parent", "created", "promoted", "notes")
     for a in reversed(report.adapters[-10:]):
         adapters.add_row(a.version, a.status, a.backend, a.parent_version or "-", _ago(a.created_at),
                          _ago(a.promoted_at), (a.notes or "")[:60])
     if not report.adapters:
         adapters.add_row("(base model)", "serving", "", "", "", "", "no adapter trained yet")
-    console.print(adapters)
+    return adapters
 
-    runs = Table(title="Training runs")
-    for col in ("started", "status", "steps", "samples", "candidate", "reason / metrics"):
-        runs.add_column(col)
+
+def _runs(report: StatusReport) -> Any:
+    runs = _table("Training runs", "started", "status", "steps", "samples", "candidate", "reason / metrics")
     for r in report.train_runs:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in list(r.metrics.items())[:4] if isinstance(v, int | float))
         runs.add_row(_ago(r.started_at), r.status, str(r.steps), str(len(r.samples)), r.candidate_adapter or "-",
                      r.reason or metrics)
     if not report.train_runs:
         runs.add_row("-", "-", "", "", "", "no training run yet")
-    console.print(runs)
+    return runs
 
-    if report.schedule_events:
-        sched = Table(title="Scheduler decisions")
-        for col in ("when", "event", "why"):
-            sched.add_column(col)
-        for e in report.schedule_events:
-            sched.add_row(_ago(e["at"]), e["event"], "; ".join(e.get("reasons") or []))
-        console.print(sched)
-    if report.scheduler is not None:
-        sched = report.scheduler
-        if "error" in sched:
-            console.print(f"MadMax: could not evaluate the scheduler: {sched['error']}")
-        else:
-            window = sched.get("window")
-            detectors = [d for d in sched.get("detectors") or [] if d.get("available")]
-            console.print(
-                f"MadMax: scheduler {'alive' if sched.get('scheduler_alive') else 'not running'}; "
-                f"window now: {getattr(window, 'summary', window)}; next expected window: "
-                f"{sched.get('next_window') or sched.get('next_window_note') or 'unknown'}; idle detectors in use: "
-                f"{', '.join(d['detector'] for d in detectors) or 'none available'}")
-    for problem in report.problems:
-        console.print(f"[red]problem:[/red] {problem}")
+
+def _scheduler_line(sched: dict[str, Any]) -> str:
+    if "error" in sched:
+        return f"MadMax: could not evaluate the scheduler: {sched['error']}"
+    window = sched.get("window")
+    detectors = [d for d in sched.get("detectors") or [] if d.get("available")]
+    return (f"MadMax: scheduler {'alive' if sched.get('scheduler_alive') else 'not running'}; "
+            f"window now: {getattr(window, 'summary', window)}; next expected window: "
+            f"{sched.get('next_window') or sched.get('next_window_note') or 'unknown'}; idle detectors in use: "
+            f"{', '.join(d['detector'] for d in detectors) or 'none available'}")
