@@ -81,19 +81,11 @@ def chat_of(sample: Sample) -> ChatPrompt:
     return convert_messages(messages_from_dict(sample.messages)) if sample.messages else []
 
 
-def _trained_turns(store: TraceStore) -> set[str]:
-    done: set[str] = set()
-    for run in store.train_runs():
-        if run.status in ("ok", "stopped", "interrupted"):
-            done.update(run.samples)
-    return done
-
-
 def _fresh_samples(
     store: TraceStore, registry: AdapterRegistry, max_staleness: int
 ) -> tuple[list[Sample], dict[str, Any]]:
     samples = collect_samples(store)
-    trained = _trained_turns(store)
+    trained = store.trained_turn_ids()
     fresh = [s for s in samples if s.turn_id not in trained]
     order = [a.version for a in registry.versions()]
     current = registry.current()

@@ -274,7 +274,11 @@ class Trainer:
         return self._get_run(run.id)
 
     def _get_run(self, run_id: str) -> TrainRun:
-        return next(r for r in self.store.train_runs() if r.id == run_id)
+        run = self.store.train_run(run_id)
+        if run is None:  # the run this trainer started: train runs are never deleted
+            msg = f"train run {run_id} vanished from the store"
+            raise MetaClawError(msg)
+        return run
 
     def _run(self, run_id: str, current, max_steps: int, stop_event: threading.Event, progress) -> TrainRun:
         """select -> prepare -> (train_step -> sampler) x steps -> candidate -> gate."""
