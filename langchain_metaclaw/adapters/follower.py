@@ -174,8 +174,6 @@ class RegistryWatch:
         self.follower = AdapterFollower.for_backend(backend)
         self.registry = AdapterRegistry(store)
         self._settings = weakref.ref(settings)
-        self.pinned: str | None = settings.adapter
-        """The version this model serves instead of following the registry (``None``: follow it)."""
         self.serving: tuple[str | None, str | None] = (None, None)
         """(version, backend name) new requests pin; replaced as a whole, never mutated."""
         self.loaded: list[str] = []
@@ -187,6 +185,13 @@ class RegistryWatch:
         self._last_error: str | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
+
+    @property
+    def pinned(self) -> str | None:
+        """The version this model serves instead of following the registry (``None``: follow it), read from
+        the chat model's ``adapter`` field at each use."""
+        settings = self._settings()
+        return settings.adapter if settings is not None else None
 
     @property
     def local(self) -> bool:
@@ -248,7 +253,8 @@ class RegistryWatch:
             AdapterError: the wanted version does not load (it is remembered: :meth:`tick` does not retry it
                 until its files change); the serving version is unchanged.
         """
-        wanted = self.registry.get(self.pinned) if self.pinned else self.registry.current()
+        pinned = self.pinned
+        wanted = self.registry.get(pinned) if pinned else self.registry.current()
         if (wanted.version if wanted else None) == self.serving[0]:
             return
         if wanted is None:
@@ -263,8 +269,16 @@ class RegistryWatch:
         try:
             self._publish(wanted)
         except Exception as exc:
-            self._refused[key] = (_stamp(wanted.uri), str(exc))
+            self._remember_refusal(key, wanted.uri, exc)
             raise
+
+    def _remember_refusal(self, key: tuple[str, str], uri: str, exc: Exception) -> None:
+        """Remember why ``uri`` did not load, keyed on its weights' mtime, so the same file is not re-read every
+        poll. A version with no local weights file (a remote backend's name, a missing directory) is not
+        remembered: what failed there may be a passing network error, so the next poll tries again."""
+        stamp = _stamp(uri)
+        if stamp is not None:
+            self._refused[key] = (stamp, str(exc))
 
     def _preload(self) -> None:
         """Warm standby: hold the newest candidate so that promoting it is a flip. One that does not load is
@@ -277,12 +291,13 @@ class RegistryWatch:
             return
         newest = candidates[-1]
         key = (newest.version, newest.uri)
-        if self.backend_name(newest) in self.loaded or key in self._refused:
+        refused = self._refused.get(key)
+        if self.backend_name(newest) in self.loaded or (refused is not None and refused[0] == _stamp(newest.uri)):
             return
         try:
             self._warm(newest)
         except Exception as exc:
-            self._refused[key] = (_stamp(newest.uri), str(exc))
+            self._remember_refusal(key, newest.uri, exc)
             logger.info("metaclaw: candidate %s not preloaded: %s", newest.version, exc)
             return
         logger.info("metaclaw: candidate %s preloaded", newest.version)

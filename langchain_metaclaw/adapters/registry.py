@@ -26,7 +26,7 @@ from langchain_metaclaw.adapters.validate import (
     validate_adapter,
     validate_adapter_dir,
 )
-from langchain_metaclaw.errors import AdapterError
+from langchain_metaclaw.errors import AdapterError, BackendUnavailableError, ConfigurationError
 from langchain_metaclaw.store.records import AdapterVersion
 
 if TYPE_CHECKING:
@@ -42,13 +42,16 @@ def check_adapter(adapter: AdapterVersion) -> None:
 
     - ``local``: files, LoRA config and the dry run against ``adapter.base_model`` (``None``: the embedded
       model), built on the meta device: no model is loaded.
-    - another backend with a local path (e.g. ``openai``, whose server holds the base): file checks only.
-    - a remote ``tinker://`` / ``mint://`` URI: no local checks (the service that trained it checks it).
+    - another backend (``openai``: the path is on the vLLM host; ``tinker`` / ``mint``: a ``tinker://`` URI):
+      no local checks; the server that loads it checks it, and a model that cannot load it keeps serving
+      what it has.
+
+    Raises:
+        AdapterError: the adapter's files do not fit (the version is refused).
+        ConfigurationError, BackendUnavailableError: the base model's structure cannot be read here (missing
+            extra, config not available offline); says nothing about the adapter.
     """
-    if is_remote(adapter.uri):
-        return
-    if adapter.backend != "local":
-        validate_adapter_dir(adapter.uri, name=adapter.version)
+    if adapter.backend != "local" or is_remote(adapter.uri):
         return
     validate_adapter(adapter.uri, base_structure(adapter.base_model), name=adapter.version)
 
@@ -124,6 +127,8 @@ class AdapterRegistry:
             check_adapter(adapter)
             if validator is not None:
                 validator(adapter)
+        except (BackendUnavailableError, ConfigurationError):
+            raise  # this environment cannot check it: the version is not to blame, so it is not marked
         except Exception as exc:
             reason = str(exc) if isinstance(exc, AdapterError) else f"adapter {version} failed validation: {exc}"
             if adapter.status != "serving":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langchain_metaclaw._compat import require
-from langchain_metaclaw.errors import AdapterError
+from langchain_metaclaw.errors import AdapterError, ConfigurationError
 
 __all__ = [
     "REFUSED_PICKLE_SUFFIXES",
@@ -227,7 +227,7 @@ def base_structure(base_model: str | None = None) -> BaseStructure:
         msg = (f"Cannot read the structure of base model {name!r} to check adapters against it "
                f"({type(exc).__name__}: {exc}). Make its config.json available (a local directory or the "
                "Hugging Face cache), or register the adapter with the base_model it serves on.")
-        raise AdapterError(msg) from exc
+        raise ConfigurationError(msg) from exc  # the environment's problem, not the adapter's
     return BaseStructure.of_model(model, name)
 
 

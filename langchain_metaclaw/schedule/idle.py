@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.schedule.idle_os import (
@@ -54,9 +54,6 @@ from langchain_metaclaw.schedule.idle_os import (
     run_command,
     windows_idle_seconds,
 )
-
-if TYPE_CHECKING:  # jeepney is optional; only the D-Bus detectors import it, lazily
-    pass
 
 __all__ = [
     "DETECTORS",

@@ -23,7 +23,6 @@ clock and sets a ``threading.Event`` when an open window closes, which the train
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ __all__ = [
     "parse_sleep_hours",
 ]
 
-logger = logging.getLogger(__name__)
 
 _SLEEP_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 

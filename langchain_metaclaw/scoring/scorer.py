@@ -413,7 +413,8 @@ async def ascore_pending(
     _check_options(names, max_attempts=max_attempts, concurrency=concurrency)
     if isinstance(wait_for_next_message, int | float):
         wait_for_next_message = timedelta(seconds=wait_for_next_message)
-    now = now if now is not None else datetime.now(UTC)
+    # a naive time is taken as UTC (turn times are epochs): datetime.utcnow() in a replay stays right
+    now = datetime.now(UTC) if now is None else now if now.tzinfo else now.replace(tzinfo=UTC)
 
     report = ScoringReport()
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTER_FILE",
     "META_FILE",
     "STATE_FORMAT",
+    "atomic_dir",
     "check_name",
     "load_adapter_weights",
     "quiet_transformers",
@@ -63,7 +64,7 @@ def _fsync_dir_files(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``dest``; on success, publish it at ``dest`` with a rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

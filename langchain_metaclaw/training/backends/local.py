@@ -38,7 +38,7 @@ from langchain_metaclaw._compat import require
 from langchain_metaclaw.errors import ConfigurationError, TrainingError
 from langchain_metaclaw.training.backends.base import LogprobModel, validate_request
 from langchain_metaclaw.training.backends.checkpoints import (
-    _atomic_dir,
+    atomic_dir,
     check_name,
     load_adapter_weights,
     quiet_transformers,
@@ -368,7 +368,7 @@ class LocalTrainingBackend:
         with self._lock:
             self._check_open()
             dest = self.output_dir / "sampler_weights" / name
-            with _atomic_dir(dest) as tmp:
+            with atomic_dir(dest) as tmp:
                 self._save_adapter(tmp, name)
             logger.info("saved sampler weights %s (step %d) at %s", name, self._step, dest)
             return SavedWeights(path_or_uri=str(dest), name=name, step=self._step)
@@ -398,7 +398,7 @@ class LocalTrainingBackend:
         with self._lock:
             self._check_open()
             dest = self.output_dir / "state" / name
-            with _atomic_dir(dest) as tmp:
+            with atomic_dir(dest) as tmp:
                 self._save_adapter(tmp, name)
                 meta = {
                     "step": self._step,

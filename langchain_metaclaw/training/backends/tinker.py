@@ -461,7 +461,7 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
     directory then goes through the full validator when it is registered and promoted.
     """
     from langchain_metaclaw.adapters.validate import is_pickle_file
-    from langchain_metaclaw.training.backends.local import _atomic_dir
+    from langchain_metaclaw.training.backends.checkpoints import atomic_dir
 
     try:
         tar = tarfile.open(archive)
@@ -490,7 +490,7 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
         if not any(Path(m.name).name == "adapter_model.safetensors" for m in chosen):
             msg = "Checkpoint archive has no adapter_model.safetensors next to adapter_config.json"
             raise AdapterError(msg)
-        with _atomic_dir(dest) as tmp:
+        with atomic_dir(dest) as tmp:
             for member in chosen:
                 source = tar.extractfile(member)
                 if source is None:  # pragma: no cover - checked isfile above
