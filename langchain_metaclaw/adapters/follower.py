@@ -117,10 +117,12 @@ class AdapterFollower:
                 raise AdapterError(msg)
             self._holds[name] += 1
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, *, strict: bool = False) -> None:
         """Let go of one hold; the last one unloads ``name`` (the backend waits for requests still using it).
 
-        An unload that fails is logged: the backend keeps the adapter, and a later hold reuses it.
+        An unload that fails is logged: the backend keeps the adapter, and a later hold reuses it. With
+        ``strict`` (the server's unload endpoint, whose caller must learn it) the hold is given back and the
+        error raised, so the unload can be tried again.
         """
         with self._cond:
             left = self._holds.get(name, 0) - 1
@@ -134,6 +136,10 @@ class AdapterFollower:
         try:
             self.backend.unload_adapter(name)
         except Exception as exc:
+            if strict:
+                with self._cond:
+                    self._holds[name] = self._holds.get(name, 0) + 1
+                raise
             logger.warning("metaclaw: could not unload adapter %s: %s", name, exc)
         finally:
             with self._cond:

@@ -116,7 +116,10 @@ class ChatServer:
         with self._admin:
             if name not in self._paths or name not in self.engine.adapters:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-            self.adapters.release(name)  # the last holder unloads it, once no request uses it
+            try:  # the last holder unloads it, once no request uses it
+                self.adapters.release(name, strict=True)
+            except AdapterError as exc:  # still in use past the engine's wait: loaded, and can be unloaded later
+                raise APIError(400, str(exc), "BadRequestError") from exc
             self._paths.pop(name, None)
         logger.info("unloaded LoRA adapter %r", name)
         return f"Success: LoRA adapter '{name}' removed successfully."

@@ -391,3 +391,61 @@ def test_a_version_is_loaded_on_the_first_hold_and_unloaded_by_the_last_release(
     assert follower.holders("bad") == 0
     with pytest.raises(AdapterError, match="not held"):
         follower.pin("v2")  # a request never loads
+
+
+def test_a_strict_release_that_cannot_unload_keeps_the_hold_and_says_so() -> None:
+    """The server's unload endpoint must not answer "removed" while the engine still holds the adapter."""
+    from langchain_metaclaw.adapters import AdapterFollower
+
+    class _Busy(_RecordingBackend):
+        def unload_adapter(self, version: str) -> None:
+            raise AdapterError(f"Adapter {version!r} is still used by 1 request(s) after 60 s; not unloaded.")
+
+    follower = AdapterFollower.for_backend(_Busy())
+    follower.hold("v1", "/a")
+    with pytest.raises(AdapterError, match="still used"):
+        follower.release("v1", strict=True)
+    assert follower.holders("v1") == 1  # still held: a later unload can try again
+    follower.release("v1")  # not strict (a chat model letting go): logged, never raised
+    assert follower.holders("v1") == 0
+
+
+def test_a_version_without_local_weights_is_retried_on_the_next_poll(tmp_path) -> None:
+    """A remote backend's load that fails once (a network error) is not remembered as a refusal."""
+    from langchain_metaclaw.adapters import RegistryWatch
+
+    class _Flaky(_RecordingBackend):
+        name = "openai"
+        failures = 1
+
+        def load_adapter(self, version: str, uri: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise AdapterError("connection refused")
+            super().load_adapter(version, uri)
+
+    class _Settings:
+        adapter = None
+        poll_interval = 60.0
+        preload_candidates = False
+
+    store = TraceStore(f"sqlite:///{tmp_path / 'metaclaw.db'}")
+    store.add_adapter("v1", backend="openai", uri="/models/on-the-vllm-host/v1")
+    AdapterRegistry(store).promote("v1")  # another backend's path: no local file checks
+    settings = _Settings()
+    watch = RegistryWatch(_Flaky(), store, settings)
+    with pytest.raises(AdapterError, match="connection refused"):
+        watch.sync()
+    watch.sync()  # tried again, and served
+    assert watch.serving == ("v1", "v1")
+
+
+def test_a_promotion_this_environment_cannot_check_does_not_reject_the_version(registry, tmp_path) -> None:
+    """An unreadable base model (offline, no config) is the environment's problem, not the adapter's."""
+    from langchain_metaclaw.errors import ConfigurationError
+
+    registry.store.add_adapter("v1", backend="local", uri=str(tiny_lora(tmp_path / "a")),
+                               base_model=str(tmp_path / "no-such-base"))
+    with pytest.raises(ConfigurationError, match="Cannot read the structure of base model"):
+        registry.promote("v1")
+    assert _statuses(registry) == {"v1": "candidate"}
