@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from langchain_metaclaw.training.types import LOSS_FN_CONFIG_KEYS
+from langchain_metaclaw.training.types import LOSS_FN_CONFIG_KEYS, check_loss_config
 
 __all__ = [
     "LOSS_FN_CONFIG_KEYS",
@@ -135,20 +135,6 @@ class LossResult:
     """Number of positions with weight > 0."""
 
 
-def _checked_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str, float]:
-    """``config`` as a dict, after checking that ``loss_fn`` exists and understands every key."""
-    config = dict(config or {})
-    allowed = LOSS_FN_CONFIG_KEYS.get(loss_fn)
-    if allowed is None:
-        msg = f"Unknown loss_fn {loss_fn!r}; expected one of {sorted(LOSS_FN_CONFIG_KEYS)}"
-        raise ValueError(msg)
-    unknown = set(config) - allowed
-    if unknown:
-        msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r} (allowed: {sorted(allowed)})"
-        raise ValueError(msg)
-    return config
-
-
 def compute_loss(
     loss_fn: str,
     logprobs: torch.Tensor,
@@ -165,7 +151,7 @@ def compute_loss(
         config (`Mapping[str, float]`, *optional*): ``kl_coef`` (any loss), ``clip_low_threshold`` /
             ``clip_high_threshold`` (ppo). Unknown keys raise ``ValueError``.
     """
-    config = _checked_config(loss_fn, config)
+    config = check_loss_config(loss_fn, config)
     weights = _weights(logprobs, inputs.get("weights"))
     mask = weights > 0
     tokens = float(mask.sum())

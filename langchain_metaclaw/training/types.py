@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from langchain_metaclaw.errors import ConfigurationError
+
 __all__ = [
     "FLOAT_INPUT_KEYS",
     "LOSS_FN_CONFIG_KEYS",
@@ -34,6 +36,7 @@ __all__ = [
     "OptimStepResult",
     "SavedWeights",
     "TokenSeq",
+    "check_loss_config",
     "datum_from_tokens",
 ]
 
@@ -59,6 +62,26 @@ LOSS_FN_CONFIG_KEYS: dict[str, frozenset[str]] = {
 }
 """``loss_fn_config`` keys each loss accepts (``kl_coef``: KL penalty against ``ref_logprobs``;
 ``clip_*_threshold``: ppo's ratio bounds); anything else is a typo and is refused."""
+
+
+def check_loss_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str, float]:
+    """``config`` as a dict, after checking that ``loss_fn`` exists and understands every key.
+
+    The one check shared by every backend's request validation and the loss itself.
+
+    Raises:
+        ConfigurationError: an unknown loss, or a key it does not understand (a ``ValueError`` too).
+    """
+    config = dict(config or {})
+    allowed = LOSS_FN_CONFIG_KEYS.get(loss_fn)
+    if allowed is None:
+        msg = f"Unknown loss_fn {loss_fn!r}; expected one of {sorted(LOSS_FN_CONFIG_KEYS)}"
+        raise ConfigurationError(msg)
+    unknown = set(config) - allowed
+    if unknown:
+        msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r} (allowed: {sorted(allowed)})"
+        raise ConfigurationError(msg)
+    return config
 
 _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens",),

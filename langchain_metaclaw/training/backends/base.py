@@ -20,13 +20,13 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.training.sampler import Sampler
 from langchain_metaclaw.training.types import (
-    LOSS_FN_CONFIG_KEYS,
     AdamParams,
     Datum,
     ForwardBackwardOutput,
     LossFnName,
     OptimStepResult,
     SavedWeights,
+    check_loss_config,
 )
 
 __all__ = ["LOSS_FNS", "LogprobModel", "TrainingBackend", "validate_request"]
@@ -36,13 +36,7 @@ LOSS_FNS: tuple[LossFnName, ...] = ("importance_sampling", "cross_entropy", "ppo
 
 def validate_request(data: Sequence[Datum], loss_fn: str, config: Mapping[str, float]) -> None:
     """Refuse a ``forward_backward`` call every backend would reject, before any work (or network) is spent."""
-    if loss_fn not in LOSS_FNS:
-        msg = f"Unknown loss_fn {loss_fn!r}; expected one of {list(LOSS_FNS)}"
-        raise ConfigurationError(msg)
-    unknown = set(config) - LOSS_FN_CONFIG_KEYS[loss_fn]
-    if unknown:
-        msg = f"loss_fn_config keys {sorted(unknown)} are not understood by {loss_fn!r}"
-        raise ConfigurationError(msg)
+    check_loss_config(loss_fn, config)
     for i, datum in enumerate(data):
         try:
             datum.check_for(loss_fn)
