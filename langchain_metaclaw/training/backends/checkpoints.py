@@ -21,14 +21,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from langchain_metaclaw.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from langchain_metaclaw.errors import AdapterError, ConfigurationError, TrainingError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_FILE",
     "META_FILE",
     "STATE_FORMAT",
     "atomic_dir",
@@ -44,8 +43,6 @@ __all__ = [
 STATE_FORMAT = 1
 _STATE_FILE = "trainer_state.json"
 _OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 META_FILE = "metaclaw_adapter.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -174,7 +171,7 @@ def save_adapter(model: Any, directory: Path, meta: Mapping[str, Any]) -> None:
     if readme.exists():  # peft's model card template; not needed to load the adapter
         readme.unlink()
     (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1))
-    for required in (ADAPTER_CONFIG, ADAPTER_FILE):
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / required).is_file():
             msg = f"peft did not write {required} into {directory}"
             raise TrainingError(msg)
@@ -189,7 +186,7 @@ def load_adapter_weights(model: Any, root: Path, device: Any) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(root / ADAPTER_FILE), device=str(device))
+    weights = load_file(str(root / WEIGHTS_FILE), device=str(device))
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     if set(weights) != expected:
         msg = (

@@ -460,7 +460,7 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
     Pickle-format weights are refused by the adapter validator's one list (``is_pickle_file``); the extracted
     directory then goes through the full validator when it is registered and promoted.
     """
-    from langchain_metaclaw.adapters.validate import is_pickle_file
+    from langchain_metaclaw.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, is_pickle_file
     from langchain_metaclaw.training.backends.checkpoints import atomic_dir
 
     try:
@@ -481,14 +481,14 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
             if not (name in _ALLOWED_ARCHIVE_NAMES or name.lower().endswith(_ALLOWED_ARCHIVE_SUFFIXES)):
                 msg = f"Checkpoint archive holds unexpected file {member.name!r}; refusing"
                 raise AdapterError(msg)
-        configs = [m for m in files if Path(m.name).name == "adapter_config.json"]
+        configs = [m for m in files if Path(m.name).name == CONFIG_FILE]
         if len(configs) != 1:
-            msg = f"Checkpoint archive must hold exactly one adapter_config.json (found {len(configs)})"
+            msg = f"Checkpoint archive must hold exactly one {CONFIG_FILE} (found {len(configs)})"
             raise AdapterError(msg)
         prefix = str(Path(configs[0].name).parent)
         chosen = [m for m in files if str(Path(m.name).parent) == prefix]
-        if not any(Path(m.name).name == "adapter_model.safetensors" for m in chosen):
-            msg = "Checkpoint archive has no adapter_model.safetensors next to adapter_config.json"
+        if not any(Path(m.name).name == WEIGHTS_FILE for m in chosen):
+            msg = f"Checkpoint archive has no {WEIGHTS_FILE} next to {CONFIG_FILE}"
             raise AdapterError(msg)
         with atomic_dir(dest) as tmp:
             for member in chosen:
@@ -498,7 +498,7 @@ def _extract_adapter_archive(archive: Path, dest: Path) -> None:
                 with source, open(tmp / Path(member.name).name, "wb") as fh:
                     shutil.copyfileobj(source, fh)
             try:
-                json.loads((tmp / "adapter_config.json").read_text())
+                json.loads((tmp / CONFIG_FILE).read_text())
             except ValueError as exc:
-                msg = f"adapter_config.json in the checkpoint archive is not JSON: {exc}"
+                msg = f"{CONFIG_FILE} in the checkpoint archive is not JSON: {exc}"
                 raise AdapterError(msg) from exc
