@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -36,7 +36,7 @@ from langchain_metaclaw.store.base import StoreBase
 from langchain_metaclaw.store.health import HealthMixin
 from langchain_metaclaw.store.leases import LeaseQueries
 from langchain_metaclaw.store.migrations import migrate
-from langchain_metaclaw.store.records import AdapterVersion, Episode, Turn, TurnKind
+from langchain_metaclaw.store.records import Episode, Turn, TurnKind
 from langchain_metaclaw.store.schedule import ScheduleQueries
 from langchain_metaclaw.store.scores import ScoresMixin
 from langchain_metaclaw.store.spool import orphan_segments, read_segment
@@ -327,49 +327,6 @@ class TraceStore(
     def turn(self, run_id: str | uuid.UUID) -> Turn | None:
         found = self.turns(ids=[str(run_id)])
         return found[0] if found else None
-
-    # ------------------------------------------------------------------ adapters
-
-    def add_adapter(
-        self,
-        version: str,
-        *,
-        backend: str,
-        uri: str,
-        base_model: str | None = None,
-        parent_version: str | None = None,
-        status: str = "candidate",
-        metrics: dict[str, Any] | None = None,
-        notes: str | None = None,
-    ) -> AdapterVersion:
-        row = {
-            "version": version,
-            "parent_version": parent_version,
-            "backend": backend,
-            "base_model": base_model,
-            "uri": uri,
-            "status": status,
-            "created_at": datetime.now(UTC),
-            "metrics": metrics or {},
-            "notes": notes,
-        }
-        with self.engine.begin() as conn:
-            conn.execute(schema.adapters.insert(), row)
-        return AdapterVersion.model_validate(row)
-
-    def adapter(self, version: str) -> AdapterVersion | None:
-        return self._select_one(AdapterVersion, select(schema.adapters).where(schema.adapters.c.version == version))
-
-    def adapters(self, status: str | None = None) -> list[AdapterVersion]:
-        t = schema.adapters
-        stmt = select(t).order_by(t.c.created_at, t.c.version)
-        if status is not None:
-            stmt = stmt.where(t.c.status == status)
-        return self._select(AdapterVersion, stmt)
-
-    def update_adapter(self, version: str, **fields: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(schema.adapters).where(schema.adapters.c.version == version).values(**fields))
 
     def requests_per_minute(self, window_s: float = 300.0) -> float:
         """LLM calls per minute over the last ``window_s`` seconds (the MadMax serving-load signal)."""
