@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -80,3 +81,16 @@ def lazy_exports(
         return list(getattr(sys.modules[package], "__all__", dynamic_imports))
 
     return __getattr__, __dir__
+
+
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` can be called with keyword ``name`` (it names it, or takes ``**kwargs``).
+
+    User callables (reward rules, scoring functions, trainers) get optional arguments only when they take
+    them; a callable whose signature cannot be read (some builtins) is called without.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -9,7 +9,6 @@ while the process exits aborts it (SIGABRT, "terminate called without an active 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from langchain_metaclaw._compat import accepts_keyword
 from langchain_metaclaw.schedule.clock import Clock
 from langchain_metaclaw.schedule.events import jsonable
 from langchain_metaclaw.schedule.lease import StoreLease
@@ -186,7 +186,7 @@ class TrainingSession:
         run: Any = None
         try:
             kwargs: dict[str, Any] = {"stop_event": self.stop_event}
-            if _accepts(trainer.run, "progress"):
+            if accepts_keyword(trainer.run, "progress"):
                 kwargs["progress"] = self._progress
             run = trainer.run(**kwargs)
         finally:
@@ -247,7 +247,7 @@ def _score(ctx: SessionContext, stop_event: threading.Event) -> dict[str, Any]:
         fn = score_pending
     started = time.monotonic()
     try:
-        report = fn(ctx.store, stop_event=stop_event) if _accepts(fn, "stop_event") else fn(ctx.store)
+        report = fn(ctx.store, stop_event=stop_event) if accepts_keyword(fn, "stop_event") else fn(ctx.store)
     except Exception as exc:  # noqa: BLE001 - train on what is already scored
         logger.exception("scoring before training failed")
         return {"status": "error", "reason": f"{type(exc).__name__}: {exc}",
@@ -279,14 +279,6 @@ def _close_trainer(trainer: Any, *, trained: bool) -> None:
             close()
     except Exception:  # noqa: BLE001 - see docstring
         logger.exception("closing the trainer failed")
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _field(result: Any, name: str, default: Any = None) -> Any:

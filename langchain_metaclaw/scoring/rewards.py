@@ -20,7 +20,6 @@ the scorer and never stops it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -28,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
+from langchain_metaclaw._compat import accepts_keyword
 from langchain_metaclaw.errors import ConfigurationError
 from langchain_metaclaw.messages import content_text
 
@@ -77,14 +77,6 @@ def rule_source(name: str) -> str:
     return f"rule:{name}"
 
 
-def _wants_context(fn: RewardFn) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "context" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 @overload
 def register_reward(name: str, fn: RewardFn, *, replace: bool = False) -> RewardFn: ...
 @overload
@@ -110,7 +102,7 @@ def register_reward(name: str, fn: RewardFn | None = None, *, replace: bool = Fa
         if current is not None and current.fn is not func and not replace:
             msg = f"a different reward rule is already registered as {name!r} (pass replace=True to replace it)"
             raise ConfigurationError(msg)
-        _REGISTRY[name] = _Rule(fn=func, wants_context=_wants_context(func))
+        _REGISTRY[name] = _Rule(fn=func, wants_context=accepts_keyword(func, "context"))
         return func
 
     return add if fn is None else add(fn)
