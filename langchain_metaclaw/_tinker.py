@@ -17,7 +17,6 @@ futures on 0.38 and clients on 0.22, request methods return futures on both, so 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Literal
 
@@ -26,7 +25,6 @@ from langchain_metaclaw.errors import ConfigurationError
 
 __all__ = [
     "SdkName",
-    "chat_prompt_ids",
     "import_sdk",
     "make_service_client",
     "resolve",
@@ -78,13 +76,3 @@ def save_weights_and_get_sampling_client(training_client: Any, name: str) -> Any
     needs_name = param is not None and param.default is inspect.Parameter.empty
     return resolve(method(name) if needs_name else method())
 
-
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of chat ``messages`` with the base model's template and the generation prompt.
-
-    Rendered as :class:`LocalEngine` renders (``apply_chat_template(add_generation_prompt=True,
-    tokenize=False)``, then encoded without special tokens), so a prompt samples the same tokens on every
-    backend. Not thread-safe: HF fast tokenizers are not; callers that share one hold a lock.
-    """
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]

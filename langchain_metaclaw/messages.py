@@ -270,6 +270,20 @@ def forced_tool_schema(tools: list[dict[str, Any]], choice: str | None) -> dict[
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of chat ``messages`` with the model's chat template and the generation prompt.
+
+    The one rendering every backend uses (the local engine, Tinker/MinT sampling, the trainer's
+    re-tokenization): ``apply_chat_template(add_generation_prompt=True, tokenize=False)``, then encoded
+    without special tokens, so a prompt is the same tokens everywhere. Not thread-safe: HF fast tokenizers
+    are not; callers that share one hold a lock.
+    """
+    kwargs = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
 def create_usage_metadata(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

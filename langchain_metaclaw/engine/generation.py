@@ -30,6 +30,7 @@ from langchain_metaclaw.engine.decoding import Row, TokenRules, decode, replay_l
 from langchain_metaclaw.engine.grammar import JsonGrammar
 from langchain_metaclaw.engine.sampling import SamplingArgs, SamplingParams
 from langchain_metaclaw.errors import ConfigurationError
+from langchain_metaclaw.messages import chat_prompt_ids
 
 if TYPE_CHECKING:
     import torch
@@ -106,11 +107,7 @@ class GenerationEngine(Generic[R]):
     def encode_prompt(self, messages: Messages, *, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template and the generation prompt."""
         with self._tokenizer_lock:
-            kwargs = {"tools": tools} if tools else {}
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **kwargs
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return chat_prompt_ids(self.tokenizer, messages, tools=tools)
 
     def _decode(self, ids: Sequence[int]) -> str:
         with self._tokenizer_lock:

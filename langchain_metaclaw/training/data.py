@@ -158,11 +158,9 @@ def retokenize(sample: Sample, tokenizer: Any) -> tuple[list[int], list[int]]:
     """Prompt and completion ids of a sample without engine tokens, with the trainer's tokenizer."""
     from langchain_core.messages import messages_from_dict
 
-    from langchain_metaclaw.messages import convert_messages
+    from langchain_metaclaw.messages import chat_prompt_ids, convert_messages
 
-    chat = convert_messages(messages_from_dict(sample.messages))
-    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt_ids = chat_prompt_ids(tokenizer, convert_messages(messages_from_dict(sample.messages)))
     completion_ids = list(tokenizer(sample.output_text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)

@@ -30,9 +30,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from langchain_metaclaw._tinker import chat_prompt_ids, import_sdk, make_service_client, resolve
+from langchain_metaclaw._tinker import import_sdk, make_service_client, resolve
 from langchain_metaclaw.chat_model.backends.base import Completion, CompletionRequest
 from langchain_metaclaw.errors import AdapterError, ConfigurationError
+from langchain_metaclaw.messages import chat_prompt_ids
 
 __all__ = ["TinkerServingBackend"]
 

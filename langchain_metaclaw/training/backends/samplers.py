@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_metaclaw._tinker import chat_prompt_ids, resolve
+from langchain_metaclaw._tinker import resolve
 from langchain_metaclaw.errors import TrainingError
+from langchain_metaclaw.messages import chat_prompt_ids
 from langchain_metaclaw.training.sampler import ChatPrompt, SampledCompletion
 
 __all__ = ["LocalSampler", "TinkerSampler"]
@@ -80,7 +81,7 @@ def _completion(result: Any) -> SampledCompletion:
 class TinkerSampler:
     """Samples from a tinker / MinT ``SamplingClient`` (the base model, a saved path, or a step's weights).
 
-    Prompts are rendered with :func:`~langchain_metaclaw._tinker.chat_prompt_ids` (as the serving backend
+    Prompts are rendered with :func:`~langchain_metaclaw.messages.chat_prompt_ids` (as the serving backend
     does) and sent together: every ``sample`` request is submitted before the first is awaited, so a group
     of prompts costs one round trip. ``stop`` is left to the service (its implicit EOS stop).
 
